@@ -1,0 +1,104 @@
+"""Checks a notebook cannot make about itself: package in sync, clean notebooks, README commands."""
+import json, re, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _tool(name):
+    exe = BIN / name
+    return str(exe) if exe.exists() else shutil.which(name)
+
+
+@pytest.fixture(scope="module")
+def copy(tmp_path_factory):
+    "A copy of the project's tracked sources, to run nbdev's writers in"
+    dst = tmp_path_factory.mktemp("proj") / "proj"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dst / f)
+    return dst
+
+
+def _snapshot(root, sub):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / sub).rglob("*")) if p.is_file()
+            and "__pycache__" not in p.parts}
+
+
+def test_package_in_sync_with_notebooks(copy):
+    before = _snapshot(copy, "bk_nbdev")
+    subprocess.run([_tool("nbdev-export")], cwd=copy, check=True, capture_output=True)
+    after = _snapshot(copy, "bk_nbdev")
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"nbdev-export changed {changed}: run nbdev-export and commit bk_nbdev/"
+
+
+def test_notebooks_clean_and_parameters_tag_kept(copy):
+    before = _snapshot(copy, "nbs")
+    subprocess.run([_tool("nbdev-clean")], cwd=copy, check=True, capture_output=True)
+    after = _snapshot(copy, "nbs")
+    changed = sorted(k for k in before if before[k] != after.get(k))
+    assert not changed, f"nbdev-clean changed {changed}: run nbdev-clean and commit nbs/"
+    for name, data in after.items():
+        if not name.endswith(".ipynb"): continue
+        nb = json.loads(data)
+        for c in nb["cells"]:
+            if c["cell_type"] == "code":
+                assert not any(o.get("output_type") == "error" for o in c.get("outputs", [])), name
+        srcs = ["".join(c["source"]) for c in nb["cells"]]
+        if any(re.search(r"^preset\s*=", s, re.M) for s in srcs):  # a papermill notebook
+            tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+            assert len(tagged) == 1, f"{name}: papermill needs exactly one cell tagged 'parameters' after cleaning"
+
+
+def test_clean_keeps_a_parameters_tag(tmp_path, copy):
+    "The configuration itself keeps tags: a tagged cell survives nbdev-clean"
+    nb = {"cells": [{"cell_type": "code", "execution_count": 3, "id": "x", "outputs": [],
+                     "metadata": {"tags": ["parameters"], "collapsed": True}, "source": ["preset = 'smoke'"]}],
+          "metadata": {"kernelspec": {"display_name": "python3", "language": "python", "name": "python3"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    f = copy / "nbs" / "zz_tag_check.ipynb"
+    f.write_text(json.dumps(nb))
+    try:
+        subprocess.run([_tool("nbdev-clean"), "--fname", str(f)], cwd=copy, check=True, capture_output=True)
+        cell = json.loads(f.read_text())["cells"][0]
+        assert cell["metadata"] == {"tags": ["parameters"]}
+        assert cell["execution_count"] is None
+    finally:
+        f.unlink()
+
+
+def _readme_block(heading):
+    text = (ROOT / "README.md").read_text()
+    m = re.search(rf"^## {heading}\n.*?^```sh\n(.*?)^```", text, re.M | re.S)
+    assert m, f"README.md has no ```sh block under '## {heading}'"
+    return m.group(1).strip()
+
+
+def test_readme_shows_the_commands_ci_uses():
+    install, test = _readme_block("Install"), _readme_block("Test")
+    assert "torch==2.13.0" in install and '".[dev]"' in install
+    assert "nbdev-test" in test and test.rstrip().endswith("pytest"), "pytest must run last"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "readme_cmd Install" in ci and "readme_cmd Test" in ci and 'eval "$test_cmd"' in ci
+    # the run command is near the top, before the test command
+    text = (ROOT / "README.md").read_text()
+    assert text.index("## Install") < text.index("## Run") < text.index("## Test")
+    assert "bk_nbdev" in _readme_block("Run")
+
+
+def test_readme_is_the_index_notebook():
+    nb = json.loads((ROOT / "nbs" / "index.ipynb").read_text())
+    md = "\n\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    assert md + "\n" == (ROOT / "README.md").read_text(), "README.md differs from nbs/index.ipynb"
+
+
+def test_settings_ini_is_not_nbdev_config():
+    text = (ROOT / "settings.ini").read_text()
+    assert text.startswith("# bk_nbdev benchmark presets") and "NOT nbdev's configuration" in text
