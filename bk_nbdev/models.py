@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .bk_core import bk_core
+from .data import lm_batches
 
 # %% auto #0
 __all__ = ['ModelConfig', 'make_config', 'TransformerConfig', 'ResNetBKConfig', 'CausalLM', 'CausalSelfAttention',
