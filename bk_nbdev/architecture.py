@@ -189,7 +189,7 @@ class ConfigurableResNetBK(ResNetBKLM):
             if cfg.use_early_exit and l < L - 1: states.append(x)
         balance = torch.stack(balances).mean()
         self.aux["moe_balance"] = cfg.moe_balance_weight * balance
-        self._stats["moe_balance"] = float(balance)
+        self._stats["moe_balance"] = float(balance.detach())
         s = self._sums
         if cfg.use_koopman: self.aux["koopman"] = cfg.koopman_weight * s["koopman_loss"] / L
         if cfg.use_physics_informed:

@@ -244,7 +244,7 @@ class ResNetBKLM(CausalLM):
             x, b = blk(x); balance = balance + b
         balance = balance / len(self.blocks)
         self.aux["moe_balance"] = self.cfg.moe_balance_weight * balance
-        self._stats["moe_balance"] = float(balance)
+        self._stats["moe_balance"] = float(balance.detach())
         return x
 
 # %% ../nbs/03_models.ipynb #2daad977
