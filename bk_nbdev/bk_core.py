@@ -35,122 +35,107 @@ def dense_resolvent_diag(
 # %% ../nbs/01_bk_core.ipynb #50da126c
 def resolvent_diag_recurrence(alpha: Tensor, beta: Tensor, causal: bool = True) -> Tensor:
     "Resolvent diagonal by the pivot recurrence in torch ops (differentiable; a Python loop over positions)"
-    N = alpha.shape[1]
-    d = [alpha[:, 0]]
-    for i in range(1, N): d.append(alpha[:, i] - beta[:, i - 1] / d[-1])
+    a, b = alpha.unbind(1), beta.unbind(1)  # one view per position; unbind's backward is a single stack
+    N = len(a)
+    d = [a[0]]
+    for i in range(1, N): d.append(a[i] - b[i - 1] / d[-1])
     d = torch.stack(d, 1)
     if causal: return 1 / d
-    e = [alpha[:, N - 1]]
-    for i in range(N - 2, -1, -1): e.append(alpha[:, i] - beta[:, i] / e[-1])
+    e = [a[N - 1]]
+    for i in range(N - 2, -1, -1): e.append(a[i] - b[i] / e[-1])
     e = torch.stack(e[::-1], 1)
     return 1 / (d + e - alpha)
 
 # %% ../nbs/01_bk_core.ipynb #baa3da2a
 C_SOURCE = r"""
 /* BK-Core CPU kernels: pivots of a complex tridiagonal matrix, forward and exact backward.
-   Complex numbers are stored interleaved (re, im). One OpenMP thread per group of rows. */
+   Complex numbers are stored interleaved (re, im). Rows are processed in groups of W: within a group the W
+   recurrences are independent, so their latency-bound division chains overlap; groups run on OpenMP threads. */
 #include <stddef.h>
-#define DEFINE_KERNELS(T, SFX)                                                                   \
-/* g = 1/(x + iy) */                                                                              \
+#define W 4
+#define GROUP_LOOP                                                                                  \
+  _Pragma("omp parallel for schedule(static)")                                                      \
+  for (long r0 = 0; r0 < R; r0 += W)
+#define NW (R - r0 < W ? R - r0 : W)
+#define DEFINE_KERNELS(T, SFX)                                                                      \
+/* g = 1/(x + iy) */                                                                                \
 static inline void recip_##SFX(T x, T y, T *gr, T *gi) { T n = x * x + y * y; *gr = x / n; *gi = -y / n; } \
-/* Causal: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}; out g_i = 1/d_i.                                 \
-   Bidirectional: also e_{N-1} = a_{N-1}, e_i = a_i - b_i/e_{i+1}; out G_i = 1/(d_i + e_i - a_i),   \
-   left_i = 1/d_i, right_i = 1/e_i. */                                                            \
+/* Causal: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}; out g_i = 1/d_i.                                  \
+   Bidirectional: also e_{N-1} = a_{N-1}, e_i = a_i - b_i/e_{i+1}; out G_i = 1/(d_i + e_i - a_i),    \
+   left_i = 1/d_i, right_i = 1/e_i. */                                                              \
 void bk_forward_##SFX(const T *a, const T *b, T *G, T *left, T *right, long R, long N, int causal) { \
-  _Pragma("omp parallel for schedule(static)")                                                    \
-  for (long r = 0; r < R; r++) {                                                                  \
-    const T *ar = a + 2 * r * N, *br = b + 2 * r * (N - 1);                                       \
-    T *Gr = G + 2 * r * N, *Lr = left + 2 * r * N;                                                \
-    T gr = 0, gi = 0;                                                                             \
-    for (long i = 0; i < N; i++) {                                                                \
-      T dr = ar[2 * i], di = ar[2 * i + 1];                                                       \
-      if (i > 0) { /* d -= b * g_{i-1} */                                                         \
-        T pr = br[2 * (i - 1)], pi = br[2 * (i - 1) + 1];                                         \
-        dr -= pr * gr - pi * gi; di -= pr * gi + pi * gr;                                         \
-      }                                                                                           \
-      recip_##SFX(dr, di, &gr, &gi);                                                              \
-      Lr[2 * i] = gr; Lr[2 * i + 1] = gi;                                                         \
-      if (causal) { Gr[2 * i] = gr; Gr[2 * i + 1] = gi; }                                         \
-      else { Gr[2 * i] = dr; Gr[2 * i + 1] = di; } /* keep d_i until the right pass */            \
-    }                                                                                             \
-    if (causal) continue;                                                                         \
-    T *Rr = right + 2 * r * N;                                                                    \
-    T hr = 0, hi = 0;                                                                             \
-    for (long i = N - 1; i >= 0; i--) {                                                           \
-      T er = ar[2 * i], ei = ar[2 * i + 1];                                                       \
-      if (i < N - 1) { T pr = br[2 * i], pi = br[2 * i + 1]; er -= pr * hr - pi * hi; ei -= pr * hi + pi * hr; } \
-      recip_##SFX(er, ei, &hr, &hi);                                                              \
-      Rr[2 * i] = hr; Rr[2 * i + 1] = hi;                                                         \
-      T sr = Gr[2 * i] + er - ar[2 * i], si = Gr[2 * i + 1] + ei - ar[2 * i + 1];                 \
-      recip_##SFX(sr, si, &Gr[2 * i], &Gr[2 * i + 1]);                                            \
-    }                                                                                             \
-  }                                                                                               \
-}                                                                                                 \
-/* Exact backward (PyTorch's convention: grad_x = grad_y * conj(dy/dx) for holomorphic maps).      \
-   gG: upstream gradient of G. Outputs ga (R,N) and gb (R,N-1). */                                \
-void bk_backward_##SFX(const T *gG, const T *b, const T *G, const T *left, const T *right,        \
-                       T *ga, T *gb, long R, long N, int causal) {                                \
-  _Pragma("omp parallel for schedule(static)")                                                    \
-  for (long r = 0; r < R; r++) {                                                                  \
-    const T *gGr = gG + 2 * r * N, *br = b + 2 * r * (N - 1), *Gr = G + 2 * r * N;                \
-    const T *Lr = left + 2 * r * N;                                                               \
-    T *gar = ga + 2 * r * N, *gbr = gb + 2 * r * (N - 1);                                         \
-    /* mu_i = gG_i * conj(-G_i^2): the adjoint of the pivot sum s_i (or of d_i when causal) */    \
-    for (long i = 0; i < N; i++) {                                                                \
-      T xr = Gr[2 * i], xi = Gr[2 * i + 1];                                                       \
-      T qr = -(xr * xr - xi * xi), qi = 2 * xr * xi; /* conj(-G^2) */                             \
-      T ur = gGr[2 * i], ui = gGr[2 * i + 1];                                                     \
-      gar[2 * i] = ur * qr - ui * qi; gar[2 * i + 1] = ur * qi + ui * qr;                         \
-    }                                                                                             \
-    for (long i = 0; i < N - 1; i++) { gbr[2 * i] = 0; gbr[2 * i + 1] = 0; }                      \
-    if (!causal) {                                                                                \
-      /* left adjoint lam_d, right adjoint lam_e both start at mu; ga gets -mu + lam_d + lam_e. */ \
-      const T *Rr = right + 2 * r * N;                                                            \
-      T lr = 0, li = 0; /* lam_e carried left to right */                                         \
-      for (long i = 0; i < N; i++) {                                                              \
-        T mr = gar[2 * i], mi = gar[2 * i + 1];                                                   \
-        if (i > 0) { /* e_{i-1} = a_{i-1} - b_{i-1} h_i: lam_e_i += lam_e_{i-1} conj(b_{i-1} h_i^2), gb_{i-1} += lam_e_{i-1} conj(-h_i) */ \
-          T hr = Rr[2 * i], hi = Rr[2 * i + 1], pr = br[2 * (i - 1)], pi = br[2 * (i - 1) + 1];   \
-          T h2r = hr * hr - hi * hi, h2i = 2 * hr * hi;                                           \
-          T cr = pr * h2r - pi * h2i, ci = -(pr * h2i + pi * h2r);                                \
-          gbr[2 * (i - 1)] += -(lr * hr + li * hi); gbr[2 * (i - 1) + 1] += -(li * hr - lr * hi); \
-          T nr = mr + lr * cr - li * ci, ni = mi + lr * ci + li * cr; lr = nr; li = ni;           \
-        } else { lr = mr; li = mi; }                                                              \
-        /* ga_i = -mu_i + lam_e_i (lam_d added in the right-to-left pass); keep mu in gar */      \
-        gar[2 * i] = lr - mr; gar[2 * i + 1] = li - mi;                                           \
-        /* remember mu in the high part of the pass: recomputed below from G */                   \
-      }                                                                                           \
-      /* second pass: lam_d carried right to left; needs mu again */                               \
-      T kr = 0, ki = 0;                                                                           \
-      for (long i = N - 1; i >= 0; i--) {                                                         \
-        T xr = Gr[2 * i], xi = Gr[2 * i + 1], qr = -(xr * xr - xi * xi), qi = 2 * xr * xi;         \
-        T ur = gGr[2 * i], ui = gGr[2 * i + 1];                                                   \
-        T mr = ur * qr - ui * qi, mi = ur * qi + ui * qr;                                         \
-        if (i < N - 1) { /* d_{i+1} = a_{i+1} - b_i g_i: lam_d_i += lam_d_{i+1} conj(b_i g_i^2) */ \
-          T gr = Lr[2 * i], gi = Lr[2 * i + 1], pr = br[2 * i], pi = br[2 * i + 1];               \
-          T g2r = gr * gr - gi * gi, g2i = 2 * gr * gi;                                           \
-          T cr = pr * g2r - pi * g2i, ci = -(pr * g2i + pi * g2r);                                \
-          gbr[2 * i] += -(kr * gr + ki * gi); gbr[2 * i + 1] += -(ki * gr - kr * gi);             \
-          T nr = mr + kr * cr - ki * ci, ni = mi + kr * ci + ki * cr; kr = nr; ki = ni;           \
-        } else { kr = mr; ki = mi; }                                                              \
-        gar[2 * i] += kr; gar[2 * i + 1] += ki;                                                   \
-      }                                                                                           \
-      continue;                                                                                   \
-    }                                                                                             \
-    /* causal: lam_i = mu_i + lam_{i+1} conj(b_i g_i^2); ga_i = lam_i; gb_i = lam_{i+1} conj(-g_i) */ \
-    T kr = 0, ki = 0;                                                                             \
-    for (long i = N - 1; i >= 0; i--) {                                                           \
-      T mr = gar[2 * i], mi = gar[2 * i + 1];                                                     \
-      if (i < N - 1) {                                                                            \
-        T gr = Lr[2 * i], gi = Lr[2 * i + 1], pr = br[2 * i], pi = br[2 * i + 1];                 \
-        T g2r = gr * gr - gi * gi, g2i = 2 * gr * gi;                                             \
-        T cr = pr * g2r - pi * g2i, ci = -(pr * g2i + pi * g2r);                                  \
-        gbr[2 * i] = -(kr * gr + ki * gi); gbr[2 * i + 1] = -(ki * gr - kr * gi);                 \
-        T nr = mr + kr * cr - ki * ci, ni = mi + kr * ci + ki * cr; kr = nr; ki = ni;             \
-      } else { kr = mr; ki = mi; }                                                                \
-      gar[2 * i] = kr; gar[2 * i + 1] = ki;                                                       \
-    }                                                                                             \
-  }                                                                                               \
+  GROUP_LOOP {                                                                                      \
+    int nw = NW;                                                                                    \
+    T gr[W] = {0}, gi[W] = {0};                                                                     \
+    for (long i = 0; i < N; i++)                                                                    \
+      for (int w = 0; w < nw; w++) {                                                                \
+        long o = 2 * ((r0 + w) * N + i), ob = 2 * ((r0 + w) * (N - 1) + i - 1);                     \
+        T dr = a[o], di = a[o + 1];                                                                 \
+        if (i > 0) { T pr = b[ob], pi = b[ob + 1]; dr -= pr * gr[w] - pi * gi[w]; di -= pr * gi[w] + pi * gr[w]; } \
+        recip_##SFX(dr, di, &gr[w], &gi[w]);                                                        \
+        if (causal) { G[o] = gr[w]; G[o + 1] = gi[w]; continue; } /* causal: 1/d_i is G itself */   \
+        left[o] = gr[w]; left[o + 1] = gi[w];                                                       \
+        else { G[o] = dr; G[o + 1] = di; } /* keep d_i until the right pass */                      \
+      }                                                                                             \
+    if (causal) continue;                                                                           \
+    T hr[W] = {0}, hi[W] = {0};                                                                     \
+    for (long i = N - 1; i >= 0; i--)                                                               \
+      for (int w = 0; w < nw; w++) {                                                                \
+        long o = 2 * ((r0 + w) * N + i), ob = 2 * ((r0 + w) * (N - 1) + i);                         \
+        T er = a[o], ei = a[o + 1];                                                                 \
+        if (i < N - 1) { T pr = b[ob], pi = b[ob + 1]; er -= pr * hr[w] - pi * hi[w]; ei -= pr * hi[w] + pi * hr[w]; } \
+        recip_##SFX(er, ei, &hr[w], &hi[w]);                                                        \
+        right[o] = hr[w]; right[o + 1] = hi[w];                                                     \
+        T sr = G[o] + er - a[o], si = G[o + 1] + ei - a[o + 1];                                     \
+        recip_##SFX(sr, si, &G[o], &G[o + 1]);                                                      \
+      }                                                                                             \
+  }                                                                                                 \
+}                                                                                                   \
+/* mu = gG * conj(-G^2): the adjoint of the pivot sum s_i (or of d_i when causal) */                \
+static inline void mu_##SFX(const T *gG, const T *G, long o, T *mr, T *mi) {                        \
+  T xr = G[o], xi = G[o + 1], qr = -(xr * xr - xi * xi), qi = 2 * xr * xi;                          \
+  *mr = gG[o] * qr - gG[o + 1] * qi; *mi = gG[o] * qi + gG[o + 1] * qr;                             \
+}                                                                                                   \
+/* One adjoint step: lam = mu + k conj(b g^2); the beta gradient is -k conj(g). */                  \
+static inline void adj_##SFX(T kr, T ki, T mr, T mi, T pr, T pi, T gr, T gi, T *lr, T *li, T *dbr, T *dbi) { \
+  T g2r = gr * gr - gi * gi, g2i = 2 * gr * gi;                                                     \
+  T cr = pr * g2r - pi * g2i, ci = -(pr * g2i + pi * g2r);                                          \
+  *lr = mr + kr * cr - ki * ci; *li = mi + kr * ci + ki * cr;                                       \
+  *dbr = -(kr * gr + ki * gi); *dbi = -(ki * gr - kr * gi);                                         \
+}                                                                                                   \
+/* Exact backward (PyTorch's convention: grad_x = grad_y * conj(dy/dx) for holomorphic maps).        \
+   gG: upstream gradient of G. Outputs ga (R,N) and gb (R,N-1). */                                  \
+void bk_backward_##SFX(const T *gG, const T *b, const T *G, const T *left, const T *right,          \
+                       T *ga, T *gb, long R, long N, int causal) {                                  \
+  if (causal) left = G;                                                                             \
+  GROUP_LOOP {                                                                                      \
+    int nw = NW;                                                                                    \
+    /* left adjoint, right to left: lam_i = mu_i + lam_{i+1} conj(b_i g_i^2), gb_i = -lam_{i+1} conj(g_i) */ \
+    T kr[W], ki[W];                                                                                 \
+    for (int w = 0; w < nw; w++) {                                                                  \
+      long o = 2 * ((r0 + w) * N + N - 1);                                                          \
+      mu_##SFX(gG, G, o, &kr[w], &ki[w]); ga[o] = kr[w]; ga[o + 1] = ki[w];                         \
+    }                                                                                               \
+    for (long i = N - 2; i >= 0; i--)                                                               \
+      for (int w = 0; w < nw; w++) {                                                                \
+        long o = 2 * ((r0 + w) * N + i), ob = 2 * ((r0 + w) * (N - 1) + i);                         \
+        T mr, mi; mu_##SFX(gG, G, o, &mr, &mi);                                                     \
+        adj_##SFX(kr[w], ki[w], mr, mi, b[ob], b[ob + 1], left[o], left[o + 1], &kr[w], &ki[w], &gb[ob], &gb[ob + 1]); \
+        ga[o] = kr[w]; ga[o + 1] = ki[w];                                                           \
+      }                                                                                             \
+    if (causal) continue;                                                                           \
+    /* right adjoint, left to right: lam_i = mu_i + lam_{i-1} conj(b_{i-1} h_i^2),                  \
+       gb_{i-1} += -lam_{i-1} conj(h_i); ga_i = lam_d_i + lam_e_i - mu_i (at i = 0, lam_e = mu) */   \
+    for (int w = 0; w < nw; w++) mu_##SFX(gG, G, 2 * (r0 + w) * N, &kr[w], &ki[w]);               \
+    for (long i = 1; i < N; i++)                                                                    \
+      for (int w = 0; w < nw; w++) {                                                                \
+        long o = 2 * ((r0 + w) * N + i), ob = 2 * ((r0 + w) * (N - 1) + i - 1);                     \
+        T mr, mi, dbr, dbi; mu_##SFX(gG, G, o, &mr, &mi);                                           \
+        adj_##SFX(kr[w], ki[w], mr, mi, b[ob], b[ob + 1], right[o], right[o + 1], &kr[w], &ki[w], &dbr, &dbi); \
+        gb[ob] += dbr; gb[ob + 1] += dbi;                                                           \
+        ga[o] += kr[w] - mr; ga[o + 1] += ki[w] - mi;                                               \
+      }                                                                                             \
+  }                                                                                                 \
 }
 DEFINE_KERNELS(double, c128)
 DEFINE_KERNELS(float, c64)
@@ -210,7 +195,7 @@ def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
     if lib is None:
         with torch.no_grad():
             G = resolvent_diag_recurrence(alpha, beta, causal)
-            if causal: return G, G.clone(), torch.empty(0, dtype=alpha.dtype)
+            if causal: return G, torch.empty(0, dtype=alpha.dtype), torch.empty(0, dtype=alpha.dtype)
             d = [alpha[:, 0]]
             for i in range(1, alpha.shape[1]): d.append(alpha[:, i] - beta[:, i - 1] / d[-1])
             N = alpha.shape[1]; e = [alpha[:, N - 1]]
@@ -218,7 +203,8 @@ def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
             return G, 1 / torch.stack(d, 1), 1 / torch.stack(e[::-1], 1)
     alpha, beta = alpha.contiguous(), beta.contiguous()
     R, N = alpha.shape
-    G, left = torch.empty_like(alpha), torch.empty_like(alpha)
+    G = torch.empty_like(alpha)
+    left = torch.empty(0, dtype=alpha.dtype) if causal else torch.empty_like(alpha)  # causal: 1/d is G itself
     right = torch.empty(0, dtype=alpha.dtype) if causal else torch.empty_like(alpha)
     getattr(lib, f"bk_forward_{_sfx(alpha)}")(_ptr(alpha), _ptr(beta), _ptr(G), _ptr(left), _ptr(right), R, N, int(causal))
     return G, left, right
@@ -236,6 +222,7 @@ def _backward_cpu(grad_G, beta, G, left, right, causal):
 def _backward_torch(grad_G, beta, G, left, right, causal):
     "The adjoint recurrences in torch ops (fallback when no compiler is available)"
     R, N = G.shape
+    if causal: left = G
     mu = grad_G * (-(G * G)).conj()
     lam_d, gb = [None] * N, torch.zeros_like(beta)
     k = mu[:, N - 1]; lam_d[N - 1] = k
@@ -253,14 +240,14 @@ def _backward_torch(grad_G, beta, G, left, right, causal):
 # %% ../nbs/01_bk_core.ipynb #9748793f
 @torch.library.custom_op("bk_nbdev::resolvent_diag", mutates_args=())
 def resolvent_diag_op(alpha: Tensor, beta: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    "G (R, N) and the reciprocal left/right pivots (right is empty when causal)"
+    "G (R, N) and the reciprocal left/right pivots (both empty when causal: then 1/d is G)"
     if alpha.is_cuda: return triton_forward(alpha, beta, causal)
     return _forward_cpu(alpha, beta, causal)
 
 @resolvent_diag_op.register_fake
 def _(alpha, beta, causal):
-    right = alpha.new_empty(0) if causal else torch.empty_like(alpha)
-    return torch.empty_like(alpha), torch.empty_like(alpha), right
+    side = (lambda: alpha.new_empty(0)) if causal else (lambda: torch.empty_like(alpha))
+    return torch.empty_like(alpha), side(), side()
 
 @torch.library.custom_op("bk_nbdev::resolvent_diag_backward", mutates_args=())
 def resolvent_diag_backward_op(grad_G: Tensor, beta: Tensor, G: Tensor, left: Tensor, right: Tensor,
@@ -466,15 +453,18 @@ def triton_forward(alpha: Tensor, beta: Tensor, causal: bool):
     BLOCK = _block(R)
     _bk_forward_kernel[(triton.cdiv(R, BLOCK),)](a, b, G, L, Rt if not causal else G, R, N, 2 * R, 2 * R,
                                                 CAUSAL=causal, BLOCK=BLOCK)
-    right = _row_major(Rt) if not causal else torch.empty(0, dtype=alpha.dtype, device=alpha.device)
-    return _row_major(G), _row_major(L), right
+    if causal:
+        empty = torch.empty(0, dtype=alpha.dtype, device=alpha.device)
+        return _row_major(G), empty, empty
+    return _row_major(G), _row_major(L), _row_major(Rt)
 
 def triton_backward(grad_G: Tensor, beta: Tensor, G: Tensor, left: Tensor, right: Tensor, causal: bool):
     "Gradients for alpha and beta by the Triton kernel"
     _need_triton()
     R, N = G.shape
-    gG, b, Gp, Lp = _pos_major(grad_G), _pos_major(beta), _pos_major(G), _pos_major(left)
-    Rp = _pos_major(right) if not causal else Gp
+    gG, b, Gp = _pos_major(grad_G), _pos_major(beta), _pos_major(G)
+    Lp = Gp if causal else _pos_major(left)
+    Rp = Gp if causal else _pos_major(right)
     ga, gb = torch.empty_like(Gp), torch.zeros_like(b)
     BLOCK = _block(R)
     _bk_backward_kernel[(triton.cdiv(R, BLOCK),)](gG, b, Gp, Lp, Rp, ga, gb, R, N, 2 * R, 2 * R,
