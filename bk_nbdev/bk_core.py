@@ -75,7 +75,7 @@ void bk_forward_##SFX(const T *a, const T *b, T *G, T *left, T *right, long R, l
         recip_##SFX(dr, di, &gr[w], &gi[w]);                                                        \
         if (causal) { G[o] = gr[w]; G[o + 1] = gi[w]; continue; } /* causal: 1/d_i is G itself */   \
         left[o] = gr[w]; left[o + 1] = gi[w];                                                       \
-        else { G[o] = dr; G[o + 1] = di; } /* keep d_i until the right pass */                      \
+        G[o] = dr; G[o + 1] = di; /* keep d_i until the right pass */                               \
       }                                                                                             \
     if (causal) continue;                                                                           \
     T hr[W] = {0}, hi[W] = {0};                                                                     \
