@@ -177,7 +177,9 @@ class FLOPsCounter:
         was_training = m.training
         m.train()
         m.zero_grad(set_to_none=True)
-        try: fwd, bwd, step = measure_step(lambda: m.loss(tokens, targets)[0])
+        try:
+            with torch.random.fork_rng(devices=[]):  # counting must not change the caller's random stream (dropout)
+                fwd, bwd, step = measure_step(lambda: m.loss(tokens, targets)[0])
         finally:
             m.zero_grad(set_to_none=True); m.train(was_training)
         top = type(m).__name__

@@ -182,7 +182,7 @@ class MoEFFN(nn.Module):
         for e, (tok, g) in enumerate(zip(token_of.split(sizes), gate.flatten()[order].split(sizes))):
             if not len(tok): continue
             padded = F.pad(tok, (0, -len(tok) % self.row_multiple))  # pad with token 0; padded rows are dropped
-            out.index_add_(0, tok, self.experts[e](x[padded])[: len(tok)] * g[:, None])
+            out.index_add_(0, tok, (self.experts[e](x[padded])[: len(tok)] * g[:, None]).to(out.dtype))  # autocast
         frac = counts.to(x.dtype) / flat_idx.numel()
         balance = E * (frac * probs.mean(0)).sum()
         return out, balance

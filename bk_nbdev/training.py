@@ -21,8 +21,9 @@ from .flops import FLOPsCounter
 
 # %% auto #0
 __all__ = ['TRAIN_FLAGS', 'TrainConfig', 'evaluate', 'reset_peak_memory', 'peak_memory', 'state_bytes', 'model_size_mb',
-           'int8_scale', 'QATLinear', 'enable_qat', 'export_int8', 'load_int8', 'prunable_linears', 'start_pruning',
-           'prune_to', 'pruned_fraction', 'compressed_size_mb', 'curriculum_length', 'TrainResult', 'train']
+           'int8_scale', 'QATLinear', 'enable_qat', 'export_int8', 'load_int8', 'pruning_schedule', 'prunable_linears',
+           'start_pruning', 'prune_to', 'pruned_fraction', 'compressed_size_mb', 'curriculum_length', 'TrainResult',
+           'train']
 
 # %% ../nbs/05_training.ipynb #07c7d8a6
 TRAIN_FLAGS = ("use_mixed_precision", "use_quantization", "use_pruning", "use_curriculum", "use_active_learning")
@@ -148,6 +149,11 @@ def load_int8(model: nn.Module, state: dict) -> nn.Module:
     return model
 
 # %% ../nbs/05_training.ipynb #f6cb6614
+def pruning_schedule(epoch: int, epochs: int, target: float) -> float:
+    "Fraction of channels pruned during `epoch` (0-based): cubic ramp from 0 to `target` at the last epoch"
+    if epochs == 1: return target
+    return target * (1 - (1 - epoch / (epochs - 1)) ** 3)
+
 def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     "Hidden Linear layers (not the LM head, not MoE routers)"
     return [(n, m) for n, m in model.named_modules()
@@ -275,7 +281,7 @@ def train(
     timed_tokens, timed_seconds = 0, 0.0
     for epoch in range(start_epoch, cfg.epochs):
         if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs: break
-        if cfg.use_pruning: prune_to(model, cfg.prune_target * (1 - (1 - epoch / cfg.epochs) ** 3) if epoch else 0.0)
+        if cfg.use_pruning: prune_to(model, pruning_schedule(epoch, cfg.epochs, cfg.prune_target))
         model.train()
         pos, loss_sum, ce_sum, n_steps, tokens, bp_tokens, ep_flops = 0, 0.0, 0.0, 0, 0, 0, 0
         bar = tqdm(total=budget_cols, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="col", disable=not progress, leave=False)
@@ -324,7 +330,8 @@ def train(
         res.backprop_tokens += bp_tokens; res.steps = step
         val = evaluate(model, corpus.validation, bos, cfg.eval_batch_size, cfg.n_seq, dev)
         res.epoch_perplexities.append(val["perplexity"]); res.eval_stats = val["stats"]
-        if val["perplexity"] < res.best_perplexity:
+        at_target = not cfg.use_pruning or pruning_schedule(epoch, cfg.epochs, cfg.prune_target) == cfg.prune_target
+        if at_target and val["perplexity"] < res.best_perplexity:  # a pruned run keeps a fully pruned model
             res.best_perplexity, res.best_epoch = val["perplexity"], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if ckpt:
@@ -350,8 +357,6 @@ def _flag_measurements(model, corpus, cfg: TrainConfig, dev, res: TrainResult) -
     if cfg.use_pruning:
         for _, m in prunable_linears(model): prune.remove(m, "weight")
         out["pruned_fraction"] = pruned_fraction(model)
-        out["compressed_size_mb"] = compressed_size_mb(model.state_dict())
-        out["dense_compressed_size_mb"] = None  # filled by the benchmark from the baseline run if wanted
         out["pruned_test_perplexity"] = res.test_perplexity
     if cfg.use_quantization:
         q = export_int8(model)
@@ -366,7 +371,7 @@ def _flag_measurements(model, corpus, cfg: TrainConfig, dev, res: TrainResult) -
         e = ev(model, early_exit=True)
         out["early_exit_test_perplexity"] = e["perplexity"]
         out["early_exit_mean_layer"] = e["stats"].get("exit_layer")
-    out["compressed_size_mb_plain"] = compressed_size_mb(model.state_dict())
+    out["compressed_size_mb"] = compressed_size_mb(model.state_dict())  # zlib of the final state (pruned zeros shrink)
     return out
 
 def _float_copy(model):
