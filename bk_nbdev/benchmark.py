@@ -16,12 +16,12 @@ import bk_nbdev
 from .data import atomic_write_bytes, load_corpus
 from .models import TransformerLM, TransformerConfig
 from .architecture import ConfigurableResNetBK, ConfigurableResNetBKConfig, ARCH_FLAGS
-from .training import TrainConfig, TRAIN_FLAGS, train
+from .training import TrainConfig, TRAIN_FLAGS, train, dist_info, init_distributed
 
 # %% auto #0
 __all__ = ['FLAGS', 'MODEL_TYPES', 'PRESETS_ENV_VAR', 'BenchmarkConfig', 'presets_file', 'preset_names', 'load_preset',
-           'BenchmarkResults', 'run_metadata', 'resolve_device', 'WikiText2Benchmark', 'benchmark_notebook',
-           'run_presets', 'main']
+           'BenchmarkResults', 'run_metadata', 'resolve_device', 'WikiText2Benchmark', 'worker_main',
+           'launch_distributed', 'benchmark_notebook', 'run_presets', 'main']
 
 # %% ../nbs/06_benchmark.ipynb #2f7a82cb
 FLAGS = ("use_analytic_gradient",) + ARCH_FLAGS + TRAIN_FLAGS
@@ -155,6 +155,7 @@ class BenchmarkResults:
     peak_memory_kind: str         # what peak_memory_mb measures
     model_size_mb: float          # saved state dict
     tokens_per_second: float      # training tokens read per second, first steps excluded
+    steps: int                    # optimizer steps of the run
     parameters: int
     epoch_losses: list
     epoch_train_ce: list
@@ -185,10 +186,11 @@ def run_metadata(device: torch.device, seed: int) -> dict:
             "seed": seed}
 
 def resolve_device(device: str) -> torch.device:
-    "The requested device, or the CPU with a warning when CUDA is asked for but absent"
+    "The requested device, or the CPU with a warning when CUDA is asked for but absent (under torchrun: the local GPU)"
     if device.startswith("cuda") and not torch.cuda.is_available():
         warnings.warn(f"device={device!r} requested but CUDA is not available: running on the CPU")
         return torch.device("cpu")
+    if device == "cuda" and dist_info()[1] > 1: return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(device)
 
 # %% ../nbs/06_benchmark.ipynb #8124328e
@@ -218,15 +220,18 @@ class WikiText2Benchmark:
             total_flops_per_step=f["total"], total_flops_per_step_without_head=f["total_without_head"],
             total_training_flops=sum(r.epoch_flops), peak_memory_mb=r.peak_memory_mb,
             peak_memory_kind=r.peak_memory_kind, model_size_mb=r.model_size_mb, tokens_per_second=r.tokens_per_second,
+            steps=r.steps,
             parameters=sum(p.numel() for p in model.parameters()), epoch_losses=r.epoch_losses,
             epoch_train_ce=r.epoch_train_ce, epoch_perplexities=r.epoch_perplexities, epoch_times=r.epoch_times,
             epoch_tokens=r.epoch_tokens, epoch_flops=r.epoch_flops, flag_measurements=r.extra,
             model_stats=r.eval_stats, flops_breakdown=f["breakdown"], config=asdict(config),
             metadata={**run_metadata(device, config.seed), "vocab_size": len(corpus.vocab), "dataset": corpus.name,
                       "train_tokens": len(corpus.train), "validation_tokens": len(corpus.validation),
-                      "test_tokens": len(corpus.test)})
-        atomic_write_bytes(self.results_path(config.model_name), res.to_json().encode())
-        ckpt.unlink(missing_ok=True)
+                      "test_tokens": len(corpus.test), "world_size": r.world_size, "backend": r.backend,
+                      "per_rank": r.per_rank})
+        if dist_info()[0] == 0:  # under data parallelism only rank 0 writes
+            atomic_write_bytes(self.results_path(config.model_name), res.to_json().encode())
+            ckpt.unlink(missing_ok=True)
         return res
 
     def load_results(self, model_name: str) -> dict:
@@ -285,7 +290,40 @@ class WikiText2Benchmark:
         plt.close(fig)
         return out
 
-# %% ../nbs/06_benchmark.ipynb #bef695dd
+# %% ../nbs/06_benchmark.ipynb #bdc2acaa
+def worker_main(argv: list[str] | None = None):
+    "One configuration in this process (under torchrun: one rank of a data-parallel job)"
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m bk_nbdev.benchmark", description="Run one benchmark configuration.")
+    ap.add_argument("--preset", required=True); ap.add_argument("--output-dir", default="benchmark_results")
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="FIELD=VALUE")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a collective gives up on a dead rank")
+    a = ap.parse_args(argv)
+    overrides = dict(kv.split("=", 1) for kv in a.param)
+    rank, world, backend = init_distributed(a.timeout)
+    try:
+        res = WikiText2Benchmark(a.output_dir).run_benchmark(load_preset(a.preset, **overrides), progress=rank == 0)
+        if rank == 0: print(f"{res.model_name}: test perplexity {res.test_perplexity:.3f} ({world} process(es), {backend or 'no backend'})")
+    finally:
+        if world > 1: torch.distributed.destroy_process_group()
+
+def launch_distributed(preset: str, nproc: int, output_dir: str | Path, overrides: dict | None = None, timeout: float = 600.0):
+    "Run `preset` data-parallel over `nproc` local processes with torchrun; raises if any rank fails"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "bk_nbdev.benchmark", "--preset", preset, "--output-dir", str(output_dir), "--timeout", str(timeout)]
+    for k, v in (overrides or {}).items(): cmd += ["-p", f"{k}={v}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"torchrun with {nproc} processes failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+    return r.stdout
+
+def _in_ipython() -> bool:
+    try: get_ipython; return True  # noqa: F821 (defined inside IPython and Jupyter only)
+    except NameError: return False
+
+if __name__ == "__main__" and not _in_ipython(): worker_main()
+
+# %% ../nbs/06_benchmark.ipynb #fd0d8e92
 def benchmark_notebook() -> Path:
     "nbs/06_benchmark.ipynb of the checkout the package was installed from"
     p = Path(bk_nbdev.__file__).resolve().parents[1]/"nbs"/"06_benchmark.ipynb"
@@ -294,7 +332,7 @@ def benchmark_notebook() -> Path:
     return p
 
 def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results", overrides: dict | None = None,
-                notebook: str | Path | None = None, progress: bool = True) -> list[str]:
+                notebook: str | Path | None = None, progress: bool = True, nproc: int = 1) -> list[str]:
     "Run each preset through papermill, then compare them; returns the model names"
     import papermill as pm
     overrides = overrides or {}
@@ -305,7 +343,7 @@ def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results"
     for preset, cfg in zip(presets, configs):
         print(f"== {preset} -> {cfg.model_name}", flush=True)
         pm.execute_notebook(str(nb), str(bench.output_dir/f"{cfg.model_name}_benchmark.ipynb"),
-                            parameters={"preset": preset, "output_dir": str(output_dir), **overrides},
+                            parameters={"preset": preset, "output_dir": str(output_dir), "nproc": nproc, **overrides},
                             cwd=str(nb.parent), progress_bar=progress)
     names = [c.model_name for c in configs]
     for j in range(len(names)):
@@ -324,10 +362,12 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--output-dir", default="benchmark_results")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     ap.add_argument("--notebook", default=None, help="path to 06_benchmark.ipynb")
+    ap.add_argument("--nproc", type=int, default=1, help="data-parallel processes per configuration (torchrun)")
     a = ap.parse_args(argv)
     overrides = {}
     for kv in a.param:
         if "=" not in kv: ap.error(f"-p expects FIELD=VALUE, got {kv!r}")
         k, v = kv.split("=", 1); overrides[k.strip()] = v.strip()
-    try: run_presets(a.presets, a.output_dir, overrides, a.notebook)
+    if a.nproc < 1: ap.error(f"--nproc must be >= 1, got {a.nproc}")
+    try: run_presets(a.presets, a.output_dir, overrides, a.notebook, nproc=a.nproc)
     except (ValueError, FileNotFoundError) as e: ap.error(str(e))

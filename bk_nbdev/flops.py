@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import bk_nbdev.bk_core  # registers the BK-Core FLOP formulas
 
 # %% auto #0
-__all__ = ['aten', 'LOG_SOFTMAX_FLOPS', 'EXTRA_FORMULAS', 'flop_counter', 'optimizer_flops_per_param', 'optimizer_flops',
-           'measure_step', 'FLOPsResult', 'FLOPsCounter']
+__all__ = ['aten', 'LOG_SOFTMAX_FLOPS', 'LOSS_OPS', 'EXTRA_FORMULAS', 'flop_counter', 'optimizer_flops_per_param',
+           'optimizer_flops', 'measure_step', 'FLOPsResult', 'FLOPsCounter']
 
 # %% ../nbs/02_flops.ipynb #c8088f21
 aten = torch.ops.aten
@@ -48,6 +48,8 @@ LOG_SOFTMAX_FLOPS = 4  # per logit: subtract max, exp, sum, subtract log-sum-exp
 def _log_softmax(x, *args, out_shape=None, **kwargs) -> int: return LOG_SOFTMAX_FLOPS * x.numel()
 def _log_softmax_backward(grad, *args, out_shape=None, **kwargs) -> int: return LOG_SOFTMAX_FLOPS * grad.numel()
 def _nll(logp, target, *args, out_shape=None, **kwargs) -> int: return target.numel()
+
+LOSS_OPS = {aten._log_softmax, aten._log_softmax_backward_data, aten.nll_loss_forward, aten.nll_loss_backward}
 
 EXTRA_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
@@ -190,7 +192,7 @@ class FLOPsCounter:
             if part and not _part(name.rsplit(".", 1)[0]): both[part] += n  # count each part at its outermost module
             p = name.split(".")
             if len(p) == 3 and p[1] == "blocks": blocks[f"block {p[2]}"] += n
-        loss = by_module.get("Global", 0) - by_module.get(top, 0)
+        loss = sum(n for op, n in step.get_flop_counts()["Global"].items() if op in LOSS_OPS)
         breakdown = {**{k: both[k] for k in ("embedding", "attention", "bk_core", "ffn", "moe_ffn", "lm_head") if k in both},
                      **dict(sorted(blocks.items())), "loss": loss}
         return FLOPsResult(forward=fwd.get_total_flops(), backward=bwd.get_total_flops(),

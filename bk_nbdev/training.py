@@ -16,14 +16,18 @@ import torch.nn.functional as F
 from torch.nn.utils import prune
 from tqdm.auto import tqdm
 
+import datetime
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
 from .data import Corpus, EOS, atomic_write_bytes, batchify, eval_batches
 from .flops import FLOPsCounter
 
 # %% auto #0
-__all__ = ['TRAIN_FLAGS', 'TrainConfig', 'evaluate', 'reset_peak_memory', 'peak_memory', 'state_bytes', 'model_size_mb',
-           'int8_scale', 'QATLinear', 'enable_qat', 'export_int8', 'load_int8', 'pruning_schedule', 'prunable_linears',
-           'start_pruning', 'prune_to', 'pruned_fraction', 'compressed_size_mb', 'curriculum_length', 'TrainResult',
-           'train']
+__all__ = ['TRAIN_FLAGS', 'TrainConfig', 'dist_info', 'init_distributed', 'evaluate', 'reset_peak_memory', 'peak_memory',
+           'state_bytes', 'model_size_mb', 'int8_scale', 'QATLinear', 'enable_qat', 'export_int8', 'load_int8',
+           'pruning_schedule', 'prunable_linears', 'start_pruning', 'prune_to', 'pruned_fraction', 'compressed_size_mb',
+           'curriculum_length', 'TrainResult', 'train']
 
 # %% ../nbs/05_training.ipynb #07c7d8a6
 TRAIN_FLAGS = ("use_mixed_precision", "use_quantization", "use_pruning", "use_curriculum", "use_active_learning")
@@ -63,25 +67,55 @@ class TrainConfig:
             raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}")
 
 # %% ../nbs/05_training.ipynb #6ad9b21f
+def dist_info() -> tuple[int, int]:
+    "(rank, world size); (0, 1) outside a process group"
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, str | None]:
+    "Join torchrun's process group when WORLD_SIZE > 1: (rank, world size, backend)"
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return 0, 1, None
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl": torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), dist.get_backend()
+
+def _all_sum(values: list[float], device, op=None) -> list[float]:
+    "Sum (or `op`) of `values` over the ranks"
+    if dist_info()[1] == 1: return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+class _LossModule(nn.Module):
+    "DistributedDataParallel synchronizes gradients of a module's forward: make `model.loss` that forward"
+    def __init__(self, model): super().__init__(); self.model = model
+    def forward(self, x, y): return self.model.loss(x, y)
+
+# %% ../nbs/05_training.ipynb #f57e507f
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: torch.Tensor, bos: int, batch_size: int = 32, n_seq: int = 128,
              device: str | torch.device = "cpu", **forward_kw) -> dict:
     "Mean NLL, perplexity and token count of `model` over every token of `stream` (eval mode)"
     was_training = model.training
     model.eval()
+    rank, world = dist_info()
     nll, n, stats = 0.0, 0, {}
     try:
-        for x, y in eval_batches(stream, batch_size, n_seq, bos):
+        for i, (x, y) in enumerate(eval_batches(stream, batch_size, n_seq, bos)):
+            if i % world != rank: continue
             x, y = x.to(device), y.to(device)
             logits = model(x, **forward_kw)
             nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
             n += y.numel()
             for k, v in getattr(model, "stats", dict)().items(): stats[k] = stats.get(k, 0.0) + v * y.numel()
     finally: model.train(was_training)
+    keys = sorted(stats)
+    nll, n, *svals = _all_sum([nll, n] + [stats[k] for k in keys], device)
     mean = nll / n
-    return {"nll": mean, "perplexity": math.exp(mean), "tokens": n, "stats": {k: v / n for k, v in stats.items()}}
+    return {"nll": mean, "perplexity": math.exp(mean), "tokens": int(n), "stats": {k: v / n for k, v in zip(keys, svals)}}
 
-# %% ../nbs/05_training.ipynb #f57e507f
+# %% ../nbs/05_training.ipynb #81150701
 def reset_peak_memory(device):
     if torch.device(device).type == "cuda": torch.cuda.reset_peak_memory_stats(device)
     else:
@@ -106,7 +140,7 @@ def model_size_mb(model_or_state) -> float:
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     return len(state_bytes(state)) / 2**20
 
-# %% ../nbs/05_training.ipynb #81150701
+# %% ../nbs/05_training.ipynb #e65a90c3
 def int8_scale(w: torch.Tensor) -> torch.Tensor:
     "Per-output-channel scale of symmetric INT8 quantization (levels -127..127)"
     return (w.detach().abs().amax(dim=1).float() / 127).clamp_min(torch.finfo(torch.float32).tiny)
@@ -148,7 +182,7 @@ def load_int8(model: nn.Module, state: dict) -> nn.Module:
     model.load_state_dict(full)
     return model
 
-# %% ../nbs/05_training.ipynb #f6cb6614
+# %% ../nbs/05_training.ipynb #c3ed6490
 def pruning_schedule(epoch: int, epochs: int, target: float) -> float:
     "Fraction of channels pruned during `epoch` (0-based): cubic ramp from 0 to `target` at the last epoch"
     if epochs == 1: return target
@@ -177,7 +211,7 @@ def pruned_fraction(model: nn.Module) -> float:
 
 def compressed_size_mb(state: dict) -> float: return len(zlib.compress(state_bytes(state), 6)) / 2**20
 
-# %% ../nbs/05_training.ipynb #40609524
+# %% ../nbs/05_training.ipynb #04f28877
 def curriculum_length(step: int, total_steps: int, n_seq: int, fraction: float) -> int:
     "Sequence length at `step`: powers of two from max(8, n_seq/8) up to n_seq over the first `fraction` of the steps"
     lo = max(8, n_seq // 8)
@@ -187,7 +221,7 @@ def curriculum_length(step: int, total_steps: int, n_seq: int, fraction: float) 
     while L < n_seq: levels.append(L); L *= 2
     return levels[min(int(step / (fraction * total_steps) * len(levels)), len(levels) - 1)]
 
-# %% ../nbs/05_training.ipynb #c102c6e0
+# %% ../nbs/05_training.ipynb #7af33e50
 @dataclass
 class TrainResult:
     "What a training run measured"
@@ -210,6 +244,9 @@ class TrainResult:
     model_size_mb: float = 0.0
     extra: dict = field(default_factory=dict)               # flag-specific measurements
     eval_stats: dict = field(default_factory=dict)          # the model's statistics on the validation split
+    world_size: int = 1                                     # data-parallel processes (all figures are for the job)
+    backend: str = ""                                       # torch.distributed backend ('' for one process)
+    per_rank: dict = field(default_factory=dict)            # tokens/s and peak memory of each rank
 
 def _rng_state():
     return {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -227,7 +264,7 @@ def _check_finite_grads(model: nn.Module, epoch: int, step: int):
         if p.grad is not None and not torch.isfinite(p.grad).all():
             raise FloatingPointError(f"non-finite gradient at epoch {epoch} step {step} in parameter {n!r}")
 
-# %% ../nbs/05_training.ipynb #6a54e07e
+# %% ../nbs/05_training.ipynb #ba586cca
 class _StepFlops:
     "FLOPs of one training step at a given (batch, sequence length), counted once per shape"
     def __init__(self, model, optimizer_name="adamw"):
@@ -246,15 +283,20 @@ def train(
     progress: bool = True,         # show a tqdm bar
     stop_after_epochs: int | None = None,      # end this call after that many epochs (to test resuming)
 ) -> TrainResult:
-    "Train `model` on `corpus` and return the measurements"
+    "Train `model` on `corpus` and return the measurements (under torchrun: data-parallel, rank 0 writes)"
     dev = torch.device(device)
-    torch.manual_seed(cfg.seed); random.seed(cfg.seed)
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})")
+    local_b = cfg.batch_size // world
+    torch.manual_seed(cfg.seed + rank); random.seed(cfg.seed + rank)
     model.to(dev)
     if cfg.use_quantization: enable_qat(model)
     if cfg.use_pruning: start_pruning(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     pool = cfg.pool_factor if cfg.use_active_learning else 1
     data = batchify(corpus.train, cfg.batch_size * pool).to(dev)
+    data = data[rank * local_b * pool : (rank + 1) * local_b * pool]   # this rank's contiguous share of the streams
     cols = data.shape[1]
     if cols - 1 < cfg.n_seq: raise ValueError(f"n_seq={cfg.n_seq} is too long for {cols} tokens per stream")
     budget_cols = cols - 1 if not cfg.max_train_tokens else min(cols - 1, cfg.max_train_tokens // (cfg.batch_size * pool))
@@ -275,7 +317,10 @@ def train(
         model.load_state_dict(c["model"]); opt.load_state_dict(c["opt"]); sched.load_state_dict(c["sched"])
         if scaler and c.get("scaler"): scaler.load_state_dict(c["scaler"])
         res, best_state, start_epoch, step = TrainResult(**c["result"]), c["best_state"], c["epoch"], c["step"]
-        _set_rng_state(c["rng"])
+        if len(c["rng"]) != world:
+            raise ValueError(f"checkpoint {ckpt} was written by {len(c['rng'])} process(es); resume with as many, not {world}")
+        _set_rng_state(c["rng"][rank])
+    step_loss = DDP(_LossModule(model), find_unused_parameters=True) if world > 1 else model.loss
     flops_of = _StepFlops(model)
     reset_peak_memory(dev)
     timed_tokens, timed_seconds = 0, 0.0
@@ -292,18 +337,18 @@ def train(
             t0 = time.perf_counter()
             x, y = data[:, pos : pos + L], data[:, pos + 1 : pos + 1 + L]
             pos += L
-            f = flops_of(cfg.batch_size, L)
+            f = flops_of(local_b, L)
             step_flops = f.total
             if pool > 1:  # score the candidates, keep the hardest 1/pool
                 model.eval()
                 with torch.no_grad(), torch.autocast(dev.type, amp_dtype, enabled=cfg.use_mixed_precision):
                     nll = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none")
-                keep = nll.view(x.shape[0], L).mean(1).topk(cfg.batch_size).indices
+                keep = nll.view(x.shape[0], L).mean(1).topk(local_b).indices
                 x, y = x[keep], y[keep]
                 model.train()
-                step_flops += pool * flops_of(cfg.batch_size, L).forward
+                step_flops += pool * flops_of(local_b, L).forward
             with torch.autocast(dev.type, amp_dtype, enabled=cfg.use_mixed_precision):
-                loss, parts = model.loss(x, y)
+                loss, parts = step_loss(x, y)
             _check_finite_loss(parts, epoch, step)
             opt.zero_grad(set_to_none=True)
             if scaler:
@@ -318,8 +363,9 @@ def train(
             dt = time.perf_counter() - t0
             n_read = x.shape[0] * L * (pool if pool > 1 else 1)
             if step >= cfg.timing_warmup_steps: timed_tokens += n_read; timed_seconds += dt
-            loss_sum += loss.item(); ce_sum += parts["ce"].item(); n_steps += 1; step += 1
-            tokens += n_read; bp_tokens += x.numel(); ep_flops += step_flops
+            step_loss_sum, step_ce_sum = _all_sum([loss.item(), parts["ce"].item()], dev)  # means over the ranks
+            loss_sum += step_loss_sum / world; ce_sum += step_ce_sum / world; n_steps += 1; step += 1
+            tokens += n_read * world; bp_tokens += x.numel() * world; ep_flops += step_flops * world
             bar.update(L)
             bar.set_postfix(loss=f"{loss.item():.3f}", ppl=f"{math.exp(min(parts['ce'].item(), 50)):.1f}",
                             tok_s=f"{n_read / dt:.0f}")
@@ -335,13 +381,29 @@ def train(
             res.best_perplexity, res.best_epoch = val["perplexity"], epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if ckpt:
-            atomic_write_bytes(ckpt, state_bytes({"model": model.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None, "result": asdict(res),
-                "best_state": best_state, "epoch": epoch + 1, "step": step, "rng": _rng_state()}))
+            rngs = [None] * world
+            if world > 1: dist.all_gather_object(rngs, _rng_state())
+            else: rngs = [_rng_state()]
+            if rank == 0:
+                atomic_write_bytes(ckpt, state_bytes({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "scaler": scaler.state_dict() if scaler else None, "result": asdict(res),
+                    "best_state": best_state, "epoch": epoch + 1, "step": step, "rng": rngs}))
+            if world > 1: dist.barrier()
     if len(res.epoch_perplexities) < cfg.epochs: return res  # stopped early on request: resume later
-    res.tokens_per_second = timed_tokens / timed_seconds if timed_seconds else float("nan")
-    res.peak_memory_mb, res.peak_memory_kind = peak_memory(dev)
-    res.flops_per_step = flops_of(cfg.batch_size, cfg.n_seq).to_dict()
+    rank_tps = timed_tokens / timed_seconds if timed_seconds else float("nan")
+    mem, res.peak_memory_kind = peak_memory(dev)
+    res.tokens_per_second = _all_sum([rank_tps], dev)[0]
+    res.peak_memory_mb = _all_sum([mem], dev, dist.ReduceOp.MAX if world > 1 else None)[0]  # the largest rank
+    res.world_size, res.backend = world, (dist.get_backend() if world > 1 else "")
+    per = [None] * world
+    if world > 1: dist.all_gather_object(per, {"tokens_per_second": rank_tps, "peak_memory_mb": mem})
+    else: per = [{"tokens_per_second": rank_tps, "peak_memory_mb": mem}]
+    res.per_rank = {str(r): p for r, p in enumerate(per)}
+    f = flops_of(local_b, cfg.n_seq).to_dict()   # one rank's step; the job's step does `world` of them
+    res.flops_per_step = {**f, **{k: f[k] * world for k in ("forward", "backward", "optimizer", "head", "loss", "closed_form",
+                                                            "total", "total_without_head")},
+                          "breakdown": {k: v * world for k, v in f["breakdown"].items()}, "batch_size": cfg.batch_size,
+                          "per_rank_total": f["total"]}
     model.load_state_dict(best_state)
     test = evaluate(model, corpus.test, bos, cfg.eval_batch_size, cfg.n_seq, dev)
     res.test_perplexity, res.test_nll = test["perplexity"], test["nll"]
@@ -350,7 +412,7 @@ def train(
     res.extra = _flag_measurements(model, corpus, cfg, dev, res)
     return res
 
-# %% ../nbs/05_training.ipynb #ba586cca
+# %% ../nbs/05_training.ipynb #aeb7cb0e
 def _flag_measurements(model, corpus, cfg: TrainConfig, dev, res: TrainResult) -> dict:
     bos, out = corpus.vocab.stoi[EOS], {}
     ev = lambda m, **kw: evaluate(m, corpus.test, bos, cfg.eval_batch_size, cfg.n_seq, dev, **kw)

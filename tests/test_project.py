@@ -90,7 +90,8 @@ def test_readme_shows_the_commands_ci_uses():
     # the run command is near the top, before the test command
     text = (ROOT / "README.md").read_text()
     assert text.index("## Install") < text.index("## Run") < text.index("## Test")
-    assert "bk_nbdev" in _readme_block("Run")
+    run = _readme_block("Run")
+    assert "bk-benchmark" in run and "transformer baseline full" in run
 
 
 def test_readme_is_the_index_notebook():
