@@ -173,8 +173,10 @@ class ConfigurableResNetBK(ResNetBKLM):
                 x_new = x + y
             balances.append(bal)
             if cfg.use_physics_informed:
-                self._acc("physics_loss", (self.energy(x_new) - self.energy(x)).pow(2).mean())
-                self._acc("energy_drift", (self.energy(x_new) - self.energy(x)).abs().mean().detach())
+                e0, e1 = self.energy(x), self.energy(x_new)
+                rel = (e1 - e0) / (e0.detach().abs() + e1.detach().abs() + 1.0)  # relative change: scale-free
+                self._acc("physics_loss", rel.pow(2).mean())
+                self._acc("energy_drift", rel.abs().mean().detach())
             if cfg.use_act:
                 x_new = torch.where(halted[..., None], x, x_new)
                 p = torch.sigmoid(self.halt(x_new)).squeeze(-1)
