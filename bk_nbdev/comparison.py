@@ -108,7 +108,7 @@ CLAIMS = {  # what the original documentation claimed; "" where it stated no fig
     "use_curriculum": "", "use_active_learning": "", "all flags": "",
 }
 OWN_MEASURE = {  # the flag's own measurement: where it lives in the results
-    "use_koopman": ("model_stats", "moe_balance"), "use_physics_informed": ("model_stats", "energy_drift"),
+    "use_physics_informed": ("model_stats", "energy_drift"),
     "use_act": ("model_stats", "executed_depth"), "use_sparse_bk": ("model_stats", "bk_sparsity"),
     "use_early_exit": ("flag_measurements", "early_exit_test_perplexity"),
     "use_quantization": ("flag_measurements", "int8_size_mb"), "use_pruning": ("flag_measurements", "pruned_fraction"),

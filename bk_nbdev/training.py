@@ -407,9 +407,8 @@ def train(
     model.load_state_dict(best_state)
     test = evaluate(model, corpus.test, bos, cfg.eval_batch_size, cfg.n_seq, dev)
     res.test_perplexity, res.test_nll = test["perplexity"], test["nll"]
-    state = model.state_dict()
-    res.model_size_mb = model_size_mb(state)
-    res.extra = _flag_measurements(model, corpus, cfg, dev, res)
+    res.extra = _flag_measurements(model, corpus, cfg, dev, res)  # makes pruning permanent first
+    res.model_size_mb = model_size_mb(model)                          # so that no pruning masks are counted
     return res
 
 # %% ../nbs/05_training.ipynb #aeb7cb0e

@@ -82,3 +82,13 @@ def test_torchrun_benchmark_rank0_writes_once(tmp_path):
 def test_batch_must_divide_over_processes(tmp_path):
     with pytest.raises(RuntimeError, match="batch_size=9 must be divisible by the number of processes"):
         launch_distributed("smoke", 2, tmp_path, {"epochs": 1, "batch_size": 9}, timeout=60)
+
+
+def test_benchmark_notebook_launches_nproc(tmp_path, monkeypatch):
+    import papermill as pm
+    monkeypatch.delenv("IN_TEST", raising=False)
+    nb = Path(__file__).resolve().parents[1] / "nbs" / "06_benchmark.ipynb"
+    pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), cwd=str(nb.parent), progress_bar=False,
+                        parameters={"preset": "smoke", "output_dir": str(tmp_path), "nproc": 2, "epochs": 1})
+    res = WikiText2Benchmark(tmp_path).load_results("smoke")
+    assert res["metadata"]["world_size"] == 2 and len(res["epoch_perplexities"]) == 1
