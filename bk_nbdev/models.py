@@ -170,6 +170,7 @@ class MoEFFN(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         "Output (T, d) for tokens x (T, d), and the load-balancing loss"
+        if x.shape[0] == 0: return torch.zeros_like(x), x.new_zeros(())  # no tokens (e.g. all halted by ACT)
         E = len(self.experts)
         probs = self.router(x).softmax(-1)                          # (T, E)
         gate, idx = probs.topk(self.top_k, dim=-1)                  # (T, k)
@@ -187,7 +188,7 @@ class MoEFFN(nn.Module):
         balance = E * (frac * probs.mean(0)).sum()
         return out, balance
 
-# %% ../nbs/03_models.ipynb #90713c0a
+# %% ../nbs/03_models.ipynb #5a68dca3
 class BKMixer(nn.Module):
     "Potential from the FFN output -> causal BK-Core -> [Re g, Im g] -> projection, scaled"
     def __init__(self, cfg: ResNetBKConfig):
@@ -247,7 +248,7 @@ class ResNetBKLM(CausalLM):
         self._stats["moe_balance"] = float(balance.detach())
         return x
 
-# %% ../nbs/03_models.ipynb #2daad977
+# %% ../nbs/03_models.ipynb #20deac34
 def check_causal(model: nn.Module, vocab_size: int, n_seq: int, positions=(0, 5), batch: int = 2, seed: int = 0):
     "Assert that changing token t changes no logit before t (eval mode, exact) and does change logits at t"
     g = torch.Generator().manual_seed(seed)
@@ -261,7 +262,7 @@ def check_causal(model: nn.Module, vocab_size: int, n_seq: int, positions=(0, 5)
             assert torch.equal(out[:, :t], base[:, :t]), f"logits before position {t} changed"
             assert not torch.equal(out[:, t], base[:, t]), f"logits at position {t} did not change"
 
-# %% ../nbs/03_models.ipynb #52be5c89
+# %% ../nbs/03_models.ipynb #2c7f62b5
 def expected_params(cfg: ModelConfig) -> int:
     "Closed-form parameter count of the model built from `cfg`"
     V, d, L, S = cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_seq
@@ -275,7 +276,7 @@ def expected_params(cfg: ModelConfig) -> int:
     else: raise TypeError(f"no closed form for {type(cfg).__name__}")
     return common + L * block
 
-# %% ../nbs/03_models.ipynb #824ee461
+# %% ../nbs/03_models.ipynb #4fee83a9
 def train_steps(model: CausalLM, stream: Tensor, steps: int = 30, batch_size: int = 8, n_seq: int = 32,
                 lr: float = 3e-3, seed: int = 0) -> list[float]:
     "Losses of `steps` AdamW steps over `stream` (a quick check that a model learns)"
