@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'resolvent_diag_recurrence', 'cpu_backend',
+__all__ = ['C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots', 'resolvent_diag_recurrence', 'cpu_backend',
            'resolvent_diag_op', 'resolvent_diag_backward_op', 'bk_core', 'triton_forward', 'triton_backward']
 
 # %% ../nbs/01_bk_core.ipynb #76109ec7
@@ -33,18 +33,21 @@ def dense_resolvent_diag(
     return torch.stack([torch.linalg.inv(A[:, :i + 1, :i + 1])[:, i, i] for i in range(N)], 1)
 
 # %% ../nbs/01_bk_core.ipynb #50da126c
-def resolvent_diag_recurrence(alpha: Tensor, beta: Tensor, causal: bool = True) -> Tensor:
-    "Resolvent diagonal by the pivot recurrence in torch ops (differentiable; a Python loop over positions)"
+def pivots(alpha: Tensor, beta: Tensor, causal: bool = True) -> tuple[Tensor, Tensor | None]:
+    "Left pivots d and (unless causal) right pivots e, by the recurrences in torch ops"
     a, b = alpha.unbind(1), beta.unbind(1)  # one view per position; unbind's backward is a single stack
     N = len(a)
     d = [a[0]]
     for i in range(1, N): d.append(a[i] - b[i - 1] / d[-1])
-    d = torch.stack(d, 1)
-    if causal: return 1 / d
+    if causal: return torch.stack(d, 1), None
     e = [a[N - 1]]
     for i in range(N - 2, -1, -1): e.append(a[i] - b[i] / e[-1])
-    e = torch.stack(e[::-1], 1)
-    return 1 / (d + e - alpha)
+    return torch.stack(d, 1), torch.stack(e[::-1], 1)
+
+def resolvent_diag_recurrence(alpha: Tensor, beta: Tensor, causal: bool = True) -> Tensor:
+    "Resolvent diagonal by the pivot recurrence in torch ops (differentiable; a Python loop over positions)"
+    d, e = pivots(alpha, beta, causal)
+    return 1 / d if causal else 1 / (d + e - alpha)
 
 # %% ../nbs/01_bk_core.ipynb #baa3da2a
 C_SOURCE = r"""
@@ -192,15 +195,11 @@ def _ptr(t: Tensor): return ctypes.c_void_p(t.data_ptr())
 
 def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
     lib = _c_library()
-    if lib is None:
+    if lib is None:  # the fallback: the same recurrences in torch ops
         with torch.no_grad():
-            G = resolvent_diag_recurrence(alpha, beta, causal)
-            if causal: return G, torch.empty(0, dtype=alpha.dtype), torch.empty(0, dtype=alpha.dtype)
-            d = [alpha[:, 0]]
-            for i in range(1, alpha.shape[1]): d.append(alpha[:, i] - beta[:, i - 1] / d[-1])
-            N = alpha.shape[1]; e = [alpha[:, N - 1]]
-            for i in range(N - 2, -1, -1): e.append(alpha[:, i] - beta[:, i] / e[-1])
-            return G, 1 / torch.stack(d, 1), 1 / torch.stack(e[::-1], 1)
+            d, e = pivots(alpha, beta, causal)
+            if causal: return 1 / d, alpha.new_empty(0), alpha.new_empty(0)
+            return 1 / (d + e - alpha), 1 / d, 1 / e
     alpha, beta = alpha.contiguous(), beta.contiguous()
     R, N = alpha.shape
     G = torch.empty_like(alpha)
@@ -211,10 +210,10 @@ def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
 
 def _backward_cpu(grad_G, beta, G, left, right, causal):
     lib = _c_library()
+    if lib is None: return _backward_torch(grad_G, beta, G, left, right, causal)
     grad_G, beta = grad_G.contiguous(), beta.contiguous()
     R, N = G.shape
     ga, gb = torch.empty_like(G), torch.empty_like(beta)
-    if lib is None: return _backward_torch(grad_G, beta, G, left, right, causal)
     getattr(lib, f"bk_backward_{_sfx(G)}")(_ptr(grad_G), _ptr(beta), _ptr(G), _ptr(left), _ptr(right),
                                             _ptr(ga), _ptr(gb), R, N, int(causal))
     return ga, gb
@@ -471,7 +470,7 @@ def triton_backward(grad_G: Tensor, beta: Tensor, G: Tensor, left: Tensor, right
                                                  CAUSAL=causal, BLOCK=BLOCK)
     return _row_major(ga), _row_major(gb)
 
-# %% ../nbs/01_bk_core.ipynb #b773831e
+# %% ../nbs/01_bk_core.ipynb #ba24fb04
 BK_FLOPS_PER_ELEMENT = {  # (forward, backward) real FLOPs per element of G, from the kernel's arithmetic
     True: (14, 40),       # causal
     False: (38, 88),      # bidirectional
