@@ -18,8 +18,8 @@ from .models import TransformerLM, TransformerConfig, ResNetBKLM, ResNetBKConfig
 from .training import reset_peak_memory, peak_memory
 
 # %% auto #0
-__all__ = ['PARTS', 'build', 'best_time', 'peak_rss_child', 'measure', 'fit_slope', 'crossover', 'scaling_study', 'plot_scaling',
-           'save_study', 'main']
+__all__ = ['PARTS', 'MODELS', 'build', 'best_time', 'peak_rss_child', 'measure', 'fit_slope', 'crossover', 'scaling_study',
+           'plot_scaling', 'save_study', 'main']
 
 # %% ../nbs/08_scaling.ipynb #bcef3677
 def build(model_type: str, N: int, d_model: int = 64, n_layers: int = 4, vocab_size: int = 33_278) -> nn.Module:
@@ -53,8 +53,17 @@ def best_time(fn, repeat: int = 2) -> float:
         t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
     return min(ts)
 
-def peak_rss_child(model_type: str, part: str, N: int, B: int, model_kw: dict) -> tuple[float, float, str]:
+def peak_rss_child(model_type: str, part: str, N: int, B: int, model_kw: dict,
+                   memory_limit_mb: float | None = None) -> tuple[float, float, str]:
     "In a fresh process: (resident MB after building the inputs, peak resident MB of one forward+backward, kind)"
+    import resource
+    try: Path("/proc/self/oom_score_adj").write_text("1000")  # if memory runs out, the kernel kills this process first
+    except OSError: pass
+    if memory_limit_mb is not None:  # address space now + the budget: allocations beyond it fail with an error
+        torch.ones(2**20).sum()  # start the thread pool first: a thread that cannot be created aborts the process
+        vm_mb = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize() / 2**20
+        lim = int((vm_mb + memory_limit_mb) * 2**20)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, resource.getrlimit(resource.RLIMIT_AS)[1]))
     model = build(model_type, N, **model_kw).train()
     run = _runner(model, part, B, N)
     reset_peak_memory("cpu"); before, _ = peak_memory("cpu")
@@ -63,22 +72,26 @@ def peak_rss_child(model_type: str, part: str, N: int, B: int, model_kw: dict) -
     return before, peak, kind
 
 def measure(model_type: str, part: str, N: int, tokens: int = 16_384, repeat: int = 2, memory: bool = True,
-            **model_kw) -> dict:
+            memory_limit_mb: float | None = None, **model_kw) -> dict:
     "Forward and forward+backward seconds, and peak memory, of `part` at length N (batch = tokens // N)"
     B = max(1, tokens // N)
+    mem = {}
+    if memory:  # first, in a fresh process: it shows whether the pass fits, and earlier passes cannot hide its peak
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        from bk_nbdev import scaling as pkg  # a module-level function, which the child process can import
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+            try: before, peak, kind = ex.submit(pkg.peak_rss_child, model_type, part, N, B, model_kw, memory_limit_mb).result()
+            except BrokenProcessPool:
+                raise MemoryError(f"{model_type} {part} at N={N}, batch {B}: the measuring process died without a "
+                                  "result (killed by the kernel: memory ran out)") from None
+        mem = {"peak_mem_mb": peak - before, "memory_kind": kind + ", above the level before the pass"}
     model = build(model_type, N, **model_kw).train()
     run = _runner(model, part, B, N)
     with torch.no_grad(): fwd = best_time(lambda: run(False), repeat)
     fb = best_time(lambda: (model.zero_grad(set_to_none=True), run(True)), repeat)
-    r = {"model": model_type, "part": part, "N": N, "batch": B, "tokens": B * N, "fwd_s": fwd, "fwd_bwd_s": fb}
-    if memory:  # a fresh process: memory freed by earlier measurements would otherwise hide this one's peak
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-        from bk_nbdev import scaling as pkg  # a module-level function, which the child process can import
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-            before, peak, kind = ex.submit(pkg.peak_rss_child, model_type, part, N, B, model_kw).result()
-        r.update(peak_mem_mb=peak - before, memory_kind=kind + ", above the level before the pass")
-    return r
+    return {"model": model_type, "part": part, "N": N, "batch": B, "tokens": B * N, "fwd_s": fwd, "fwd_bwd_s": fb, **mem}
 
 # %% ../nbs/08_scaling.ipynb #9a77c3c7
 def fit_slope(ns: list[int], ts: list[float], tokens: list[int], fit_from: int = 1024) -> float | None:
@@ -98,16 +111,22 @@ def crossover(rows: list[dict], part: str, key: str = "fwd_bwd_s") -> int | None
 # %% ../nbs/08_scaling.ipynb #c31b5457
 PARTS = ("layer", "model_no_head", "model")
 
+MODELS = ("transformer", "resnet_bk")
+
 def scaling_study(max_n: int = 16_384, min_n: int = 128, tokens: int = 16_384, max_seconds: float = 30.0,
                   parts=PARTS, d_model: int = 64, n_layers: int = 4, vocab_size: int = 33_278, repeat: int = 2,
-                  fit_from: int = 1024, verbose: bool = True, memory: bool = True) -> dict:
-    "Measure both models for N = min_n, 2 min_n, ..., max_n; fit slopes; find crossovers; FLOPs ratio at N=2048"
+                  fit_from: int = 1024, verbose: bool = True, memory: bool = True, models=MODELS,
+                  memory_limit_mb: float | None = None) -> dict:
+    "Measure `models` for N = min_n, 2 min_n, ..., max_n; fit slopes; find crossovers; FLOPs ratio at N=2048 (both models)"
     rows, stopped = [], {}
     lengths = [min_n * 2 ** i for i in range(int(math.log2(max_n // min_n)) + 1)]
-    for mt in ("transformer", "resnet_bk"):
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models: raise ValueError(f"models {list(models)!r}: valid ones are {', '.join(MODELS)}")
+    for mt in models:
         for part in parts:
             for N in lengths:
-                try: r = measure(mt, part, N, tokens, repeat, memory, d_model=d_model, n_layers=n_layers, vocab_size=vocab_size)
+                try: r = measure(mt, part, N, tokens, repeat, memory, memory_limit_mb,
+                                 d_model=d_model, n_layers=n_layers, vocab_size=vocab_size)
                 except (RuntimeError, MemoryError) as e:
                     stopped[f"{mt}/{part}"] = f"N={N}: {type(e).__name__}: {str(e)[:120]}"; break
                 rows.append(r)
@@ -116,14 +135,14 @@ def scaling_study(max_n: int = 16_384, min_n: int = 128, tokens: int = 16_384, m
                 if r["fwd_bwd_s"] > max_seconds:
                     stopped[f"{mt}/{part}"] = f"N={N}: forward+backward took {r['fwd_bwd_s']:.1f} s > {max_seconds} s"; break
     slopes = {}
-    for mt in ("transformer", "resnet_bk"):
+    for mt in models:
         for part in parts:
             sel = [r for r in rows if r["model"] == mt and r["part"] == part]
             for key in ("fwd_s", "fwd_bwd_s"):
                 slopes[f"{mt}/{part}/{key}"] = fit_slope([r["N"] for r in sel], [r[key] for r in sel],
                                                          [r["tokens"] for r in sel], fit_from)
     flops = {}
-    if 2048 <= max_n:
+    if 2048 <= max_n and set(models) == set(MODELS):
         B = max(1, tokens // 2048)
         f = {mt: FLOPsCounter(build(mt, 2048, d_model, n_layers, vocab_size), B, 2048).count_total_flops()
              for mt in ("transformer", "resnet_bk")}
@@ -132,7 +151,7 @@ def scaling_study(max_n: int = 16_384, min_n: int = 128, tokens: int = 16_384, m
                  "transformer_over_resnet_bk_without_head": f["transformer"].total_without_head / f["resnet_bk"].total_without_head}
     return {"rows": rows, "slopes": slopes, "crossover": {p: crossover(rows, p) for p in parts}, "stopped": stopped,
             "flops_at_2048": flops, "settings": dict(max_n=max_n, min_n=min_n, tokens=tokens, max_seconds=max_seconds,
-            d_model=d_model, n_layers=n_layers, vocab_size=vocab_size, fit_from=fit_from, threads=torch.get_num_threads())}
+            d_model=d_model, n_layers=n_layers, vocab_size=vocab_size, fit_from=fit_from, models=list(models), memory_limit_mb=memory_limit_mb, threads=torch.get_num_threads())}
 
 # %% ../nbs/08_scaling.ipynb #bfb4f53a
 def plot_scaling(study: dict, path: str | Path, show: bool = False) -> Path:
@@ -171,14 +190,17 @@ def save_study(study: dict, out_dir: str | Path) -> Path:
     return plot_scaling(study, out/"scaling.png")
 
 def main(argv=None):
-    "Command line: python -m bk_nbdev.scaling [--max-n N] [--tokens T] [--max-seconds S] [--out DIR]"
+    "Command line: python -m bk_nbdev.scaling [--max-n N] [--tokens T] [--max-seconds S] [--models M ...] [--out DIR]"
     ap = argparse.ArgumentParser(prog="python -m bk_nbdev.scaling", description="Transformer vs ResNet-BK scaling in N")
     ap.add_argument("--max-n", type=int, default=16_384); ap.add_argument("--min-n", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=16_384); ap.add_argument("--max-seconds", type=float, default=30.0)
     ap.add_argument("--d-model", type=int, default=64); ap.add_argument("--n-layers", type=int, default=4)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--memory-limit-mb", type=float, default=None, help="memory budget per measurement (default: all)")
     ap.add_argument("--out", default="scaling_results")
     a = ap.parse_args(argv)
-    study = scaling_study(a.max_n, a.min_n, a.tokens, a.max_seconds, d_model=a.d_model, n_layers=a.n_layers)
+    study = scaling_study(a.max_n, a.min_n, a.tokens, a.max_seconds, d_model=a.d_model, n_layers=a.n_layers,
+                          models=a.models, memory_limit_mb=a.memory_limit_mb)
     print(json.dumps({k: study[k] for k in ("slopes", "crossover", "stopped", "flops_at_2048")}, indent=1))
     print("saved", save_study(study, a.out))
 
