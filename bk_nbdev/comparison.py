@@ -94,9 +94,10 @@ def bar_charts(results: dict[str, dict], path: str | Path, show: bool = False) -
     return Path(path)
 
 def standard_pairs(results: dict[str, dict]) -> list[tuple[str, str]]:
-    "(full, transformer), (baseline, transformer), (full, baseline) among the runs present"
+    "(full, transformer), (baseline, transformer), (full, baseline) among the runs present; full: the most flags on"
+    n_flags = lambda n: sum(bool(results[n]["config"].get(f)) for f in FLAGS)
     by_role = {}
-    for n, r in results.items(): by_role.setdefault(role(r), n)
+    for n in sorted(results, key=n_flags, reverse=True): by_role.setdefault(role(results[n]), n)
     want = [("full", "transformer"), ("baseline", "transformer"), ("full", "baseline")]
     return [(by_role[a], by_role[b]) for a, b in want if a in by_role and b in by_role]
 
@@ -107,13 +108,14 @@ CLAIMS = {  # what the original documentation claimed; "" where it stated no fig
     "use_multi_scale": "2x on middle layers", "use_sparse_bk": "1.8x at 50% sparsity", "use_early_exit": "(inference)",
     "use_curriculum": "", "use_active_learning": "", "all flags": "",
 }
-OWN_MEASURE = {  # the flag's own measurement: where it lives in the results
-    "use_physics_informed": ("model_stats", "energy_drift"),
-    "use_act": ("model_stats", "executed_depth"), "use_sparse_bk": ("model_stats", "bk_sparsity"),
-    "use_early_exit": ("flag_measurements", "early_exit_test_perplexity"),
-    "use_quantization": ("flag_measurements", "int8_size_mb"), "use_pruning": ("flag_measurements", "pruned_fraction"),
-    "use_active_learning": ("flag_measurements", "backprop_fraction"),
-    "use_curriculum": ("flag_measurements", "tokens_read"),
+OWN_MEASURE = {  # the flag's own measurements: where they live in the results
+    "use_physics_informed": [("model_stats", "energy_drift")],
+    "use_act": [("model_stats", "executed_depth"), ("flag_measurements", "trained_flops_without_head")],
+    "use_sparse_bk": [("model_stats", "bk_sparsity")],
+    "use_early_exit": [("flag_measurements", "early_exit_test_perplexity")],
+    "use_quantization": [("flag_measurements", "int8_size_mb")], "use_pruning": [("flag_measurements", "pruned_fraction")],
+    "use_active_learning": [("flag_measurements", "backprop_fraction")],
+    "use_curriculum": [("flag_measurements", "tokens_read")],
 }
 
 def ablation_configs(base: str = "baseline", **overrides) -> dict[str, BenchmarkConfig]:
@@ -144,8 +146,7 @@ def ablation_table(runs: dict[str, dict]) -> list[dict]:
     step_time = lambda r: r["training_time"] / r["steps"]
     for label, r in runs.items():
         if label == "base": continue
-        src, key = OWN_MEASURE.get(label, (None, None))
-        own = r[src].get(key) if src else None
+        own = [(key, r[src].get(key)) for src, key in OWN_MEASURE.get(label, [])]
         rows.append({"flag": label, "claimed": CLAIMS[label] or "(no figure given)",
                      "test_ppl": r["test_perplexity"], "d_test_ppl": _change(r["test_perplexity"], base["test_perplexity"]),
                      "d_time_per_step": _change(step_time(r), step_time(base)),
@@ -154,5 +155,5 @@ def ablation_table(runs: dict[str, dict]) -> list[dict]:
                                                 base["total_flops_per_step_without_head"]),
                      "d_peak_mem": _change(r["peak_memory_mb"], base["peak_memory_mb"]),
                      "d_size": _change(r["model_size_mb"], base["model_size_mb"]),
-                     "own_measure": f"{key}={own:.4g}" if isinstance(own, (int, float)) else "-"})
+                     "own_measure": "; ".join(f"{k}={v:.4g}" for k, v in own if isinstance(v, (int, float))) or "-"})
     return rows

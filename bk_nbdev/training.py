@@ -428,6 +428,10 @@ def _flag_measurements(model, corpus, cfg: TrainConfig, dev, res: TrainResult) -
         out["tokens_read"] = sum(res.epoch_tokens)
         out["training_flops"] = sum(res.epoch_flops)
     if cfg.use_active_learning: out["backprop_fraction"] = res.backprop_tokens / max(sum(res.epoch_tokens), 1)
+    if getattr(getattr(model, "cfg", None), "use_act", False):  # learned halting: count the trained model's step too
+        world = dist_info()[1]
+        f = FLOPsCounter(model, cfg.batch_size // world, cfg.n_seq).count_total_flops()
+        out["trained_flops_per_step"], out["trained_flops_without_head"] = f.total * world, f.total_without_head * world
     if getattr(getattr(model, "cfg", None), "use_early_exit", False):
         e = ev(model, early_exit=True)
         out["early_exit_test_perplexity"] = e["perplexity"]
