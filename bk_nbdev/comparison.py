@@ -15,7 +15,7 @@ from .data import atomic_write_bytes
 
 # %% auto #0
 __all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'load_all_results', 'write_table', 'print_table', 'role', 'model_table',
-           'bar_charts', 'standard_pairs', 'ablation_configs', 'run_ablation', 'ablation_table']
+           'bar_charts', 'standard_pairs', 'ablation_configs', 'run_in_fresh_process', 'run_ablation', 'ablation_table']
 
 # %% ../nbs/07_comparison.ipynb #234160b6
 REQUIRED = [f.name for f in fields(BenchmarkResults)]
@@ -127,14 +127,25 @@ def ablation_configs(base: str = "baseline", **overrides) -> dict[str, Benchmark
     rows["all flags"] = BenchmarkConfig(**{**asdict(b), **{f: True for f in FLAGS}, "model_name": f"{b.model_name}+all"})
     return rows
 
+def _run_config(cfg: dict, output_dir: str, progress: bool) -> dict:
+    return asdict(WikiText2Benchmark(output_dir).run_benchmark(BenchmarkConfig(**cfg), progress=progress))
+
+def run_in_fresh_process(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = False) -> dict:
+    "Run one configuration in a new Python process, so that its peak memory owes nothing to earlier runs"
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from bk_nbdev import comparison as pkg  # a module-level function, which the child process can import
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(pkg._run_config, asdict(cfg), str(output_dir), progress).result()
+
 def run_ablation(base: str = "baseline", output_dir: str | Path = "benchmark_results/ablation", progress: bool = False,
                  **overrides) -> dict[str, dict]:
-    "Run every ablation configuration (reusing finished results with an identical config) and return the results"
+    "Run every ablation configuration, each in a fresh process (reusing finished results with an identical config)"
     bench, out = WikiText2Benchmark(output_dir), {}
     for label, cfg in ablation_configs(base, **overrides).items():
         p = bench.results_path(cfg.model_name)
         if p.exists() and json.loads(p.read_text())["config"] == asdict(cfg): out[label] = json.loads(p.read_text())
-        else: out[label] = asdict(bench.run_benchmark(cfg, progress=progress))
+        else: out[label] = run_in_fresh_process(cfg, output_dir, progress)
     return out
 
 def _change(a, b):
