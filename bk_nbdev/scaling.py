@@ -60,14 +60,18 @@ def peak_rss_child(model_type: str, part: str, N: int, B: int, model_kw: dict,
     try: Path("/proc/self/oom_score_adj").write_text("1000")  # if memory runs out, the kernel kills this process first
     except OSError: pass
     if memory_limit_mb is not None:  # address space now + the budget: allocations beyond it fail with an error
-        torch.ones(2**20).sum()  # start the thread pool first: a thread that cannot be created aborts the process
+        _runner(build(model_type, 8, **model_kw), part, 1, 8)(True)  # first load every library and start the threads
         vm_mb = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize() / 2**20
         lim = int((vm_mb + memory_limit_mb) * 2**20)
         resource.setrlimit(resource.RLIMIT_AS, (lim, resource.getrlimit(resource.RLIMIT_AS)[1]))
-    model = build(model_type, N, **model_kw).train()
-    run = _runner(model, part, B, N)
-    reset_peak_memory("cpu"); before, _ = peak_memory("cpu")
-    run(True)
+    try:
+        model = build(model_type, N, **model_kw).train()
+        run = _runner(model, part, B, N)
+        reset_peak_memory("cpu"); before, _ = peak_memory("cpu")
+        run(True)
+    except Exception as e:  # under a budget, any failure to map memory is running out of it
+        if memory_limit_mb is None: raise
+        raise MemoryError(f"within memory_limit_mb={memory_limit_mb}: {type(e).__name__}: {str(e)[:200]}") from None
     peak, kind = peak_memory("cpu")
     return before, peak, kind
 
