@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 
 import torch
+from fastcore.imports import in_ipython
 
 import bk_nbdev
 from .data import atomic_write_bytes, load_corpus
@@ -317,11 +318,7 @@ def launch_distributed(preset: str, nproc: int, output_dir: str | Path, override
         raise RuntimeError(f"torchrun with {nproc} processes failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return r.stdout
 
-def _in_ipython() -> bool:
-    try: get_ipython; return True  # noqa: F821 (defined inside IPython and Jupyter only)
-    except NameError: return False
-
-if __name__ == "__main__" and not _in_ipython(): worker_main()
+if __name__ == "__main__" and not in_ipython(): worker_main()
 
 # %% ../nbs/06_benchmark.ipynb #fd0d8e92
 def benchmark_notebook() -> Path:

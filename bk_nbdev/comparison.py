@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .benchmark import BenchmarkConfig, BenchmarkResults, WikiText2Benchmark, FLAGS, load_preset
 from .data import atomic_write_bytes
+from .training import in_fresh_process
 
 # %% auto #0
 __all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'load_all_results', 'write_table', 'print_table', 'role', 'model_table',
@@ -132,11 +133,7 @@ def _run_config(cfg: dict, output_dir: str, progress: bool) -> dict:
 
 def run_in_fresh_process(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = False) -> dict:
     "Run one configuration in a new Python process, so that its peak memory owes nothing to earlier runs"
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-    from bk_nbdev import comparison as pkg  # a module-level function, which the child process can import
-    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-        return ex.submit(pkg._run_config, asdict(cfg), str(output_dir), progress).result()
+    return in_fresh_process("bk_nbdev.comparison._run_config", asdict(cfg), str(output_dir), progress)
 
 def run_ablation(base: str = "baseline", output_dir: str | Path = "benchmark_results/ablation", progress: bool = False,
                  **overrides) -> dict[str, dict]:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from fastcore.imports import in_ipython
 
 from .data import atomic_write_bytes
 from .flops import FLOPsCounter
 from .models import TransformerLM, TransformerConfig, ResNetBKLM, ResNetBKConfig
-from .training import reset_peak_memory, peak_memory
+from .training import reset_peak_memory, peak_memory, in_fresh_process
 
 # %% auto #0
 __all__ = ['PARTS', 'MODELS', 'build', 'best_time', 'peak_rss_child', 'measure', 'fit_slope', 'crossover', 'scaling_study',
@@ -81,15 +82,12 @@ def measure(model_type: str, part: str, N: int, tokens: int = 16_384, repeat: in
     B = max(1, tokens // N)
     mem = {}
     if memory:  # first, in a fresh process: it shows whether the pass fits, and earlier passes cannot hide its peak
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
-        from bk_nbdev import scaling as pkg  # a module-level function, which the child process can import
-        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
-            try: before, peak, kind = ex.submit(pkg.peak_rss_child, model_type, part, N, B, model_kw, memory_limit_mb).result()
-            except BrokenProcessPool:
-                raise MemoryError(f"{model_type} {part} at N={N}, batch {B}: the measuring process died without a "
-                                  "result (killed by the kernel: memory ran out)") from None
+        try: before, peak, kind = in_fresh_process("bk_nbdev.scaling.peak_rss_child", model_type, part, N, B, model_kw,
+                                                   memory_limit_mb)
+        except BrokenProcessPool:
+            raise MemoryError(f"{model_type} {part} at N={N}, batch {B}: the measuring process died without a "
+                              "result (killed by the kernel: memory ran out)") from None
         mem = {"peak_mem_mb": peak - before, "memory_kind": kind + ", above the level before the pass"}
     model = build(model_type, N, **model_kw).train()
     run = _runner(model, part, B, N)
@@ -208,8 +206,4 @@ def main(argv=None):
     print(json.dumps({k: study[k] for k in ("slopes", "crossover", "stopped", "flops_at_2048")}, indent=1))
     print("saved", save_study(study, a.out))
 
-def _in_ipython() -> bool:
-    try: get_ipython; return True  # noqa: F821 (defined inside IPython and Jupyter only)
-    except NameError: return False
-
-if __name__ == "__main__" and not _in_ipython(): main()  # python -m bk_nbdev.scaling
+if __name__ == "__main__" and not in_ipython(): main()  # python -m bk_nbdev.scaling

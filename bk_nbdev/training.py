@@ -25,9 +25,9 @@ from .flops import FLOPsCounter
 
 # %% auto #0
 __all__ = ['TRAIN_FLAGS', 'TrainConfig', 'dist_info', 'init_distributed', 'evaluate', 'reset_peak_memory', 'peak_memory',
-           'state_bytes', 'model_size_mb', 'int8_scale', 'QATLinear', 'enable_qat', 'export_int8', 'load_int8',
-           'pruning_schedule', 'prunable_linears', 'start_pruning', 'prune_to', 'pruned_fraction', 'compressed_size_mb',
-           'curriculum_length', 'TrainResult', 'train']
+           'state_bytes', 'model_size_mb', 'in_fresh_process', 'int8_scale', 'QATLinear', 'enable_qat', 'export_int8',
+           'load_int8', 'pruning_schedule', 'prunable_linears', 'start_pruning', 'prune_to', 'pruned_fraction',
+           'compressed_size_mb', 'curriculum_length', 'TrainResult', 'train']
 
 # %% ../nbs/05_training.ipynb #07c7d8a6
 TRAIN_FLAGS = ("use_mixed_precision", "use_quantization", "use_pruning", "use_curriculum", "use_active_learning")
@@ -139,6 +139,15 @@ def model_size_mb(model_or_state) -> float:
     "Size in MB (2^20 bytes) of the saved state dict"
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     return len(state_bytes(state)) / 2**20
+
+# %% ../nbs/05_training.ipynb #3f1e7b21
+def in_fresh_process(fn: str, *args):
+    "Call the module-level function `fn` ('package.module.name') with `args` in a new spawned Python process"
+    import importlib, multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    module, name = fn.rsplit(".", 1)
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(getattr(importlib.import_module(module), name), *args).result()
 
 # %% ../nbs/05_training.ipynb #e65a90c3
 def int8_scale(w: torch.Tensor) -> torch.Tensor:
