@@ -182,14 +182,14 @@ def plot_scaling(study: dict, path: str | Path, show: bool = False) -> Path:
     plt.close(fig)
     return Path(path)
 
-def save_study(study: dict, out_dir: str | Path) -> Path:
-    "scaling.json, scaling.csv and scaling.png in `out_dir`"
+def save_study(study: dict, out_dir: str | Path, show: bool = False) -> Path:
+    "scaling.json, scaling.csv and scaling.png in `out_dir` (`show`: also display the figure)"
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out/"scaling.json", json.dumps(study, indent=2, allow_nan=False).encode())
     cols = list(study["rows"][0])
     atomic_write_bytes(out/"scaling.csv", ("\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols)
                                                                          for r in study["rows"]]) + "\n").encode())
-    return plot_scaling(study, out/"scaling.png")
+    return plot_scaling(study, out/"scaling.png", show)
 
 def main(argv=None):
     "Command line: python -m bk_nbdev.scaling [--max-n N] [--tokens T] [--max-seconds S] [--models M ...] [--out DIR]"
