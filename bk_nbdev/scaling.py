@@ -175,7 +175,7 @@ def plot_scaling(study: dict, path: str | Path, show: bool = False) -> Path:
         x = study["crossover"].get(part)
         if x: axes[0, j].axvline(x, color="gray", ls="--", lw=1, label=f"crossover N={x}")
         axes[0, j].set_title(f"{part}: forward+backward time per sequence"); axes[0, j].set_ylabel("seconds")
-        axes[1, j].set_title(f"{part}: peak memory (tokens constant)"); axes[1, j].set_ylabel("MB")
+        axes[1, j].set_title(f"{part}: peak memory (batch = max(1, tokens/N))"); axes[1, j].set_ylabel("MB")
         for ax in axes[:, j]: ax.set_xlabel("sequence length N"); ax.grid(alpha=0.3, which="both"); ax.legend(fontsize=8)
     fig.tight_layout(); fig.savefig(path, dpi=110)
     if show: plt.show()
