@@ -129,6 +129,7 @@ def ablation_configs(base: str = "baseline", **overrides) -> dict[str, Benchmark
     return rows
 
 def _run_config(cfg: dict, output_dir: str, progress: bool) -> dict:
+    "One benchmark run from a plain config dict (what the fresh process receives), its results as a dict"
     return asdict(WikiText2Benchmark(output_dir).run_benchmark(BenchmarkConfig(**cfg), progress=progress))
 
 def run_in_fresh_process(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = False) -> dict:
