@@ -207,8 +207,9 @@ class ConfigurableResNetBK(ResNetBKLM):
         self._exit_states = states
         return x
 
-    def forward(self, tokens: Tensor, early_exit: bool = False) -> Tensor:
-        logits = super().forward(tokens)
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, early_exit: bool = False) -> Tensor:
+        if early_exit and targets is not None: raise ValueError("early_exit=True returns logits: call it without targets")
+        logits = super().forward(tokens, targets)
         if not early_exit: return logits
         if not self.cfg.use_early_exit: raise ValueError("early_exit=True needs a model built with use_early_exit=True")
         chosen, exit_layer = logits, torch.full(tokens.shape, len(self.blocks), device=tokens.device)
@@ -226,8 +227,7 @@ class ConfigurableResNetBK(ResNetBKLM):
     def loss(self, tokens: Tensor, targets: Tensor):
         total, parts = super().loss(tokens, targets)
         if self.cfg.use_early_exit:
-            exits = torch.stack([F.cross_entropy(self.logits(h).flatten(0, 1).float(), targets.flatten())
-                                 for h in self._exit_states]).mean()
+            exits = torch.stack([self.nll(h, targets).mean() for h in self._exit_states]).mean()
             parts["early_exit"] = self.cfg.exit_weight * exits
             total = total + parts["early_exit"]
         return total, parts

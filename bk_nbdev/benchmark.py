@@ -17,6 +17,7 @@ import bk_nbdev
 from .data import atomic_write_bytes, load_corpus
 from .models import TransformerLM, TransformerConfig
 from .architecture import ConfigurableResNetBK, ConfigurableResNetBKConfig, ARCH_FLAGS
+from .head import bf16_is_fast
 from .training import TrainConfig, TRAIN_FLAGS, train, dist_info, init_distributed
 
 # %% auto #0
@@ -49,6 +50,7 @@ class BenchmarkConfig:
     n_heads: int = 4                     # Transformer
     num_experts: int = 4                 # ResNet-BK
     dropout: float = 0.1
+    lm_head: str = "fused"               # 'fused', 'unfused' or 'adaptive' (02a)
     device: str = "cpu"
     seed: int = 42
     use_analytic_gradient: bool = False
@@ -75,7 +77,7 @@ class BenchmarkConfig:
 
     def model_config(self, vocab_size: int):
         common = dict(vocab_size=vocab_size, d_model=self.d_model, n_layers=self.n_layers, n_seq=self.n_seq,
-                      dropout=self.dropout)
+                      dropout=self.dropout, lm_head=self.lm_head)
         if self.model_type == "transformer": return TransformerConfig(**common, n_heads=self.n_heads)
         return ConfigurableResNetBKConfig(**common, num_experts=self.num_experts,
                                           use_analytic_gradient=self.use_analytic_gradient,
@@ -183,7 +185,7 @@ def run_metadata(device: torch.device, seed: int) -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "bk_nbdev": bk_nbdev.__version__,
             "git_commit": _git_commit(), "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "threads": torch.get_num_threads(), "bf16_native": bf16_is_fast(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "seed": seed}
 
 def resolve_device(device: str) -> torch.device:
@@ -210,6 +212,8 @@ class WikiText2Benchmark:
         device = resolve_device(config.device)
         corpus = load_corpus(config.dataset, config.data_dir or None)
         model = config.build_model(len(corpus.vocab))
+        if hasattr(model.head, "set_frequencies"):  # the adaptive softmax ranks words by training frequency
+            model.head.set_frequencies(torch.bincount(corpus.train, minlength=len(corpus.vocab)))
         self.output_dir.mkdir(parents=True, exist_ok=True)
         ckpt = self.output_dir/f"{config.model_name}_{config.digest()}.ckpt"
         r = train(model, corpus, config.train_config(), device=str(device), checkpoint_path=ckpt, progress=progress)

@@ -48,6 +48,7 @@ LOG_SOFTMAX_FLOPS = 4  # per logit: subtract max, exp, sum, subtract log-sum-exp
 def _log_softmax(x, *args, out_shape=None, **kwargs) -> int: return LOG_SOFTMAX_FLOPS * x.numel()
 def _log_softmax_backward(grad, *args, out_shape=None, **kwargs) -> int: return LOG_SOFTMAX_FLOPS * grad.numel()
 def _nll(logp, target, *args, out_shape=None, **kwargs) -> int: return target.numel()
+def _nll_backward(grad, logp, target, *args, out_shape=None, **kwargs) -> int: return target.numel()
 
 LOSS_OPS = {aten._log_softmax, aten._log_softmax_backward_data, aten.nll_loss_forward, aten.nll_loss_backward}
 
@@ -56,7 +57,7 @@ EXTRA_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
     **{op: _complex_aware(op) for op in (aten.mm, aten.bmm, aten.addmm, aten.baddbmm)},
     aten._log_softmax: _log_softmax, aten._log_softmax_backward_data: _log_softmax_backward,
-    aten.nll_loss_forward: _nll, aten.nll_loss_backward: _nll,
+    aten.nll_loss_forward: _nll, aten.nll_loss_backward: _nll_backward,
 }
 
 def flop_counter() -> FlopCounterMode:
@@ -184,15 +185,16 @@ class FLOPsCounter:
                 fwd, bwd, step = measure_step(lambda: m.loss(tokens, targets)[0])
         finally:
             m.zero_grad(set_to_none=True); m.train(was_training)
-        top = type(m).__name__
-        by_module = {k: sum(v.values()) for k, v in step.get_flop_counts().items()}
+        top, counts = type(m).__name__, step.get_flop_counts()
+        by_module = {k: sum(v.values()) for k, v in counts.items()}
         both, blocks = defaultdict(int), defaultdict(int)
         for name, n in by_module.items():
             part = _part(name)
             if part and not _part(name.rsplit(".", 1)[0]): both[part] += n  # count each part at its outermost module
             p = name.split(".")
             if len(p) == 3 and p[1] == "blocks": blocks[f"block {p[2]}"] += n
-        loss = sum(n for op, n in step.get_flop_counts()["Global"].items() if op in LOSS_OPS)
+        loss_ops = lambda key: sum(n for op, n in counts.get(key, {}).items() if op in LOSS_OPS)
+        loss = loss_ops("Global") - loss_ops(f"{top}.head")  # a head that computes the loss counts it as its own
         breakdown = {**{k: both[k] for k in ("embedding", "attention", "bk_core", "ffn", "moe_ffn", "lm_head") if k in both},
                      **dict(sorted(blocks.items())), "loss": loss}
         return FLOPsResult(forward=fwd.get_total_flops(), backward=bwd.get_total_flops(),

@@ -15,14 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .bk_core import bk_core
+from .head import LMHead, AdaptiveHead
 from .data import lm_batches
 
 # %% auto #0
-__all__ = ['ModelConfig', 'make_config', 'TransformerConfig', 'ResNetBKConfig', 'CausalLM', 'CausalSelfAttention',
-           'TransformerBlock', 'TransformerLM', 'MoEFFN', 'BKMixer', 'ResNetBKLayer', 'ResNetBKBlock', 'ResNetBKLM',
-           'check_causal', 'expected_params', 'train_steps']
+__all__ = ['LM_HEADS', 'ModelConfig', 'make_head', 'make_config', 'TransformerConfig', 'ResNetBKConfig', 'CausalLM',
+           'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'MoEFFN', 'BKMixer', 'ResNetBKLayer',
+           'ResNetBKBlock', 'ResNetBKLM', 'check_causal', 'expected_params', 'train_steps']
 
 # %% ../nbs/03_models.ipynb #4315d31d
+LM_HEADS = ("fused", "unfused", "adaptive")
+
 @dataclass
 class ModelConfig:
     "Fields shared by every model"
@@ -32,6 +35,8 @@ class ModelConfig:
     n_seq: int = 128            # longest sequence (size of the position embedding)
     dropout: float = 0.1        # dropout probability
     tie_weights: bool = False   # share the token embedding with the LM head
+    lm_head: str = "fused"      # 'fused' (chunked cross-entropy), 'unfused' (F.linear + F.cross_entropy), 'adaptive'
+    adaptive_cutoffs: tuple = (2000, 10000)  # frequency-rank boundaries of the adaptive softmax's clusters
 
     def __post_init__(self):
         for k in ("vocab_size", "d_model", "n_layers", "n_seq"):
@@ -40,6 +45,17 @@ class ModelConfig:
                 raise ValueError(f"{type(self).__name__}.{k} must be a positive integer, got {v!r}")
         if self.vocab_size < 2: raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.lm_head not in LM_HEADS: raise ValueError(f"lm_head must be one of {LM_HEADS}, got {self.lm_head!r}")
+        if self.lm_head == "adaptive":
+            c = list(self.adaptive_cutoffs)
+            if not c or c != sorted(set(c)) or c[0] < 1 or c[-1] >= self.vocab_size:
+                raise ValueError(f"adaptive_cutoffs must increase strictly within [1, {self.vocab_size}), got {self.adaptive_cutoffs}")
+            if self.tie_weights: raise ValueError("tie_weights needs a linear head, not lm_head='adaptive'")
+
+def make_head(cfg: ModelConfig) -> nn.Module:
+    "The LM head that `cfg.lm_head` names (see 02a)"
+    if cfg.lm_head == "adaptive": return AdaptiveHead(cfg.d_model, cfg.vocab_size, tuple(cfg.adaptive_cutoffs))
+    return LMHead(cfg.d_model, cfg.vocab_size, fused=cfg.lm_head == "fused")
 
 def make_config(cls, **kwargs):
     "An instance of the config dataclass `cls`; unknown fields raise an error listing the valid ones"
@@ -87,7 +103,7 @@ class CausalLM(nn.Module):
         self.pos_emb = nn.Embedding(cfg.n_seq, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self.head = make_head(cfg)
         if cfg.tie_weights: self.head.weight = self.tok_emb.weight
         self.aux: dict[str, Tensor] = {}
         self._stats: dict[str, float] = {}
@@ -102,14 +118,19 @@ class CausalLM(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor: return self.head(self.ln_f(x))
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> Tensor:
+        "Logits (B, N, V); given `targets`, each token's cross-entropy (B, N) instead, never materializing the logits"
         self.aux, self._stats = {}, {}
-        return self.logits(self.body(self.embed(tokens)))
+        x = self.body(self.embed(tokens))
+        return self.logits(x) if targets is None else self.nll(x, targets)
+
+    def nll(self, x: Tensor, targets: Tensor) -> Tensor:
+        "Cross-entropy (B, N) of each token, from body output x (B, N, d)"
+        return self.head(self.ln_f(x), targets)
 
     def loss(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         "Mean token cross-entropy plus the weighted auxiliary losses; returns (total, parts)"
-        logits = self(tokens)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        ce = self(tokens, targets).mean()
         parts = {"ce": ce, **self.aux}
         return sum(parts.values()), parts
 
@@ -263,10 +284,16 @@ def check_causal(model: nn.Module, vocab_size: int, n_seq: int, positions=(0, 5)
             assert not torch.equal(out[:, t], base[:, t]), f"logits at position {t} did not change"
 
 # %% ../nbs/03_models.ipynb #2c7f62b5
+def _head_params(cfg: ModelConfig) -> int:
+    V, d = cfg.vocab_size, cfg.d_model
+    if cfg.lm_head != "adaptive": return V if cfg.tie_weights else V * d + V
+    c = [*cfg.adaptive_cutoffs, V]
+    return d * (c[0] + len(c) - 1) + sum(d // 4 ** (i + 1) * (d + c[i + 1] - c[i]) for i in range(len(c) - 1))
+
 def expected_params(cfg: ModelConfig) -> int:
     "Closed-form parameter count of the model built from `cfg`"
     V, d, L, S = cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_seq
-    common = V * d + S * d + 2 * d + (V if cfg.tie_weights else V * d + V)
+    common = V * d + S * d + 2 * d + _head_params(cfg)
     if isinstance(cfg, TransformerConfig):
         f = cfg.ffn_mult
         block = 4 * d * d + 4 * d + 2 * f * d * d + f * d + d + 4 * d

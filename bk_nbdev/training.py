@@ -6,7 +6,7 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/training.html.md"""
 
 # %% ../nbs/05_training.ipynb #18e31ea0
 from __future__ import annotations
-import io, math, os, random, time, zlib
+import io, math, os, random, time, warnings, zlib
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
@@ -22,12 +22,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .data import Corpus, EOS, atomic_write_bytes, batchify, eval_batches
 from .flops import FLOPsCounter
+from .head import LMHead, bf16_is_fast
 
 # %% auto #0
 __all__ = ['TRAIN_FLAGS', 'TrainConfig', 'dist_info', 'init_distributed', 'evaluate', 'reset_peak_memory', 'peak_memory',
-           'state_bytes', 'model_size_mb', 'in_fresh_process', 'int8_scale', 'QATLinear', 'enable_qat', 'export_int8',
-           'load_int8', 'pruning_schedule', 'prunable_linears', 'start_pruning', 'prune_to', 'pruned_fraction',
-           'compressed_size_mb', 'curriculum_length', 'TrainResult', 'train']
+           'state_bytes', 'model_size_mb', 'in_fresh_process', 'autocast_dtype', 'int8_scale', 'fake_quant_int8',
+           'QATLinear', 'QATLMHead', 'enable_qat', 'export_int8', 'load_int8', 'pruning_schedule', 'prunable_linears',
+           'start_pruning', 'prune_to', 'pruned_fraction', 'compressed_size_mb', 'curriculum_length', 'TrainResult',
+           'train']
 
 # %% ../nbs/05_training.ipynb #07c7d8a6
 TRAIN_FLAGS = ("use_mixed_precision", "use_quantization", "use_pruning", "use_curriculum", "use_active_learning")
@@ -105,8 +107,8 @@ def evaluate(model: nn.Module, stream: torch.Tensor, bos: int, batch_size: int =
         for i, (x, y) in enumerate(eval_batches(stream, batch_size, n_seq, bos)):
             if i % world != rank: continue
             x, y = x.to(device), y.to(device)
-            logits = model(x, **forward_kw)
-            nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            if forward_kw: nll += F.cross_entropy(model(x, **forward_kw).flatten(0, 1).float(), y.flatten(), reduction="sum").item()
+            else: nll += model(x, y).float().sum().item()  # the head's loss: no (tokens x V) logits
             n += y.numel()
             for k, v in getattr(model, "stats", dict)().items(): stats[k] = stats.get(k, 0.0) + v * y.numel()
     finally: model.train(was_training)
@@ -149,24 +151,38 @@ def in_fresh_process(fn: str, *args):
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         return ex.submit(getattr(importlib.import_module(module), name), *args).result()
 
+# %% ../nbs/05_training.ipynb #a4811f90
+def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
+    "Mixed-precision dtype on `device`: float16 on CUDA, bfloat16 on a CPU with native bf16, else None (float32)"
+    dev = torch.device(device)
+    if dev.type == "cuda": return torch.float16
+    return torch.bfloat16 if bf16_is_fast(dev) else None
+
 # %% ../nbs/05_training.ipynb #e65a90c3
 def int8_scale(w: torch.Tensor) -> torch.Tensor:
     "Per-output-channel scale of symmetric INT8 quantization (levels -127..127)"
     return (w.detach().abs().amax(dim=1).float() / 127).clamp_min(torch.finfo(torch.float32).tiny)
 
+def fake_quant_int8(w: torch.Tensor) -> torch.Tensor:
+    "`w` rounded to its per-output-channel INT8 grid (straight-through gradient)"
+    s = int8_scale(w)
+    return torch.fake_quantize_per_channel_affine(w.float(), s, torch.zeros_like(s, dtype=torch.int32), 0, -127, 127).to(w.dtype)
+
 class QATLinear(nn.Linear):
     "nn.Linear whose weight is fake-quantized to INT8 (per output channel) in the forward pass"
-    def forward(self, x):
-        w = self.weight
-        s = int8_scale(w)
-        wq = torch.fake_quantize_per_channel_affine(w.float(), s, torch.zeros_like(s, dtype=torch.int32), 0, -127, 127)
-        return F.linear(x, wq.to(w.dtype), self.bias)
+    def forward(self, x): return F.linear(x, fake_quant_int8(self.weight), self.bias)
+
+class QATLMHead(LMHead):
+    "The LM head (02a) computing with its weight fake-quantized to INT8"
+    def compute_weight(self): return fake_quant_int8(self.weight)
+
+_QAT = {nn.Linear: QATLinear, LMHead: QATLMHead}
 
 def enable_qat(model: nn.Module) -> int:
-    "Turn every nn.Linear of `model` into a QATLinear (same parameters); returns how many"
+    "Turn every nn.Linear (and LMHead) of `model` into its QAT class (same parameters); returns how many"
     n = 0
     for m in model.modules():
-        if type(m) is nn.Linear: m.__class__ = QATLinear; n += 1
+        if type(m) in _QAT: m.__class__ = _QAT[type(m)]; n += 1
     return n
 
 def export_int8(model: nn.Module) -> dict:
@@ -198,9 +214,9 @@ def pruning_schedule(epoch: int, epochs: int, target: float) -> float:
     return target * (1 - (1 - epoch / (epochs - 1)) ** 3)
 
 def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    "Hidden Linear layers (not the LM head, not MoE routers)"
+    "Hidden Linear layers (not the LM head or its parts, not MoE routers)"
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n != "head" and not n.endswith("router")]
+            if isinstance(m, nn.Linear) and n.split(".")[0] != "head" and not n.endswith("router")]
 
 def start_pruning(model: nn.Module):
     "Attach identity masks so that checkpoints have the same keys before and after pruning begins"
@@ -316,8 +332,10 @@ def train(
     total_steps = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)) *
         0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
-    amp_dtype = torch.bfloat16 if dev.type == "cpu" else torch.float16
-    scaler = torch.amp.GradScaler("cuda") if cfg.use_mixed_precision and dev.type == "cuda" else None
+    amp_dtype = autocast_dtype(dev) if cfg.use_mixed_precision else None
+    if cfg.use_mixed_precision and amp_dtype is None:
+        warnings.warn("use_mixed_precision: bf16 is not native on this CPU (no AVX512-BF16 or AMX); training in float32")
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     bos = corpus.vocab.stoi[EOS]
     res, best_state, start_epoch, step = TrainResult(), None, 0, 0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
@@ -350,13 +368,13 @@ def train(
             step_flops = f.total
             if pool > 1:  # score the candidates, keep the hardest 1/pool
                 model.eval()
-                with torch.no_grad(), torch.autocast(dev.type, amp_dtype, enabled=cfg.use_mixed_precision):
-                    nll = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="none")
-                keep = nll.view(x.shape[0], L).mean(1).topk(local_b).indices
+                with torch.no_grad(), torch.autocast(dev.type, amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                    nll = model(x, y).float()
+                keep = nll.mean(1).topk(local_b).indices
                 x, y = x[keep], y[keep]
                 model.train()
                 step_flops += pool * flops_of(local_b, L).forward
-            with torch.autocast(dev.type, amp_dtype, enabled=cfg.use_mixed_precision):
+            with torch.autocast(dev.type, amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 loss, parts = step_loss(x, y)
             _check_finite_loss(parts, epoch, step)
             opt.zero_grad(set_to_none=True)
@@ -433,6 +451,7 @@ def _flag_measurements(model, corpus, cfg: TrainConfig, dev, res: TrainResult) -
         out["int8_size_mb"] = len(state_bytes(q)) / 2**20
         exported = load_int8(_float_copy(model), q)
         out["int8_test_perplexity"] = ev(exported)["perplexity"]
+    if cfg.use_mixed_precision: out["mixed_precision_dtype"] = str(autocast_dtype(dev) or torch.float32).replace("torch.", "")
     if cfg.use_curriculum or cfg.use_active_learning:
         out["tokens_read"] = sum(res.epoch_tokens)
         out["training_flops"] = sum(res.epoch_flops)
@@ -449,9 +468,9 @@ def _flag_measurements(model, corpus, cfg: TrainConfig, dev, res: TrainResult) -
     return out
 
 def _float_copy(model):
-    "A copy of `model` with plain nn.Linear layers (no fake quantization)"
+    "A copy of `model` with plain linear layers and head (no fake quantization)"
     import copy
-    m = copy.deepcopy(model)
+    m, plain = copy.deepcopy(model), {qat: cls for cls, qat in _QAT.items()}
     for mod in m.modules():
-        if type(mod) is QATLinear: mod.__class__ = nn.Linear
+        if type(mod) in plain: mod.__class__ = plain[type(mod)]
     return m
