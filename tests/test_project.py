@@ -103,3 +103,34 @@ def test_readme_is_the_index_notebook():
 def test_settings_ini_is_not_nbdev_config():
     text = (ROOT / "settings.ini").read_text()
     assert text.startswith("# bk_nbdev benchmark presets") and "NOT nbdev's configuration" in text
+
+
+def _parameters_cell() -> dict:
+    "name -> (type, default) from the override lines `name = None  # type, default REPR` of 06's parameters cell"
+    nb = json.loads((ROOT / "nbs" / "06_benchmark.ipynb").read_text())
+    cell, = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    out = {}
+    for line in "".join(cell["source"]).splitlines():
+        m = re.match(r"^(\w+)\s*= None\s*# (\w+), default (.*)$", line)
+        if m: out[m[1]] = (m[2], m[3])
+    return out
+
+
+def test_parameters_cell_lists_every_config_field_with_its_default():
+    from dataclasses import fields
+    from bk_nbdev.config import BenchmarkConfig
+    want = {f.name: (f.type, repr(f.default)) for f in fields(BenchmarkConfig)}
+    assert _parameters_cell() == want
+
+
+def test_settings_default_section_agrees_with_the_dataclass():
+    import configparser
+    from bk_nbdev.config import BenchmarkConfig, _convert
+    from dataclasses import fields
+    cp = configparser.ConfigParser(); cp.read(ROOT / "settings.ini")
+    types = {f.name: f for f in fields(BenchmarkConfig)}
+    for k, v in cp.defaults().items():
+        assert k in types, f"[DEFAULT] {k} is not a BenchmarkConfig field"
+        assert _convert(k, v, types[k].type) == types[k].default, f"[DEFAULT] {k} = {v} differs from the default"
+    for name in cp.sections():  # every preset key is a field
+        assert set(cp[name]) <= set(types), (name, set(cp[name]) - set(types))
