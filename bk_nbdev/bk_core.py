@@ -192,11 +192,12 @@ def cpu_backend() -> str:
     "'c' when the compiled kernel runs on CPU, 'torch' for the fallback recurrence"
     return "c" if _c_library() is not None else "torch"
 
-# %% ../nbs/01_bk_core.ipynb #f93f3cf6
+# %% ../nbs/01_bk_core.ipynb #b578f0c4
 def _sfx(t: Tensor) -> str: return {torch.complex64: "c64", torch.complex128: "c128"}[t.dtype]
 
 def _ptr(t: Tensor): return ctypes.c_void_p(t.data_ptr())
 
+# %% ../nbs/01_bk_core.ipynb #7f4221fb
 def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
     lib = _c_library()
     if lib is None:  # the fallback: the same recurrences in torch ops
@@ -212,6 +213,7 @@ def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
     getattr(lib, f"bk_forward_{_sfx(alpha)}")(_ptr(alpha), _ptr(beta), _ptr(G), _ptr(left), _ptr(right), R, N, int(causal))
     return G, left, right
 
+# %% ../nbs/01_bk_core.ipynb #35d5252c
 def _backward_cpu(grad_G, beta, G, left, right, causal):
     lib = _c_library()
     if lib is None: return _backward_torch(grad_G, beta, G, left, right, causal)
@@ -222,6 +224,7 @@ def _backward_cpu(grad_G, beta, G, left, right, causal):
                                             _ptr(ga), _ptr(gb), R, N, int(causal))
     return ga, gb
 
+# %% ../nbs/01_bk_core.ipynb #af16abd5
 def _backward_torch(grad_G, beta, G, left, right, causal):
     "The adjoint recurrences in torch ops (fallback when no compiler is available)"
     R, N = G.shape
@@ -240,7 +243,7 @@ def _backward_torch(grad_G, beta, G, left, right, causal):
         k = mu[:, i] + k * (beta[:, i - 1] * right[:, i] ** 2).conj(); lam_e.append(k)
     return lam_d + torch.stack(lam_e, 1) - mu, gb
 
-# %% ../nbs/01_bk_core.ipynb #1267449b
+# %% ../nbs/01_bk_core.ipynb #cccd08c9
 @torch.library.custom_op("bk_nbdev::resolvent_diag", mutates_args=())
 def resolvent_diag_op(alpha: Tensor, beta: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     "G (R, N) and the reciprocal left/right pivots (both empty when causal: then 1/d is G)"
@@ -276,7 +279,7 @@ def _backward(ctx, grad_G, grad_left, grad_right):
 
 resolvent_diag_op.register_autograd(_backward, setup_context=_setup_context)
 
-# %% ../nbs/01_bk_core.ipynb #772a813e
+# %% ../nbs/01_bk_core.ipynb #0fb29c48
 def _check_finite(name, t):
     if not torch.isfinite(torch.view_as_real(t) if t.is_complex() else t).all():
         raise ValueError(f"bk_core: {name} contains non-finite values (inf or NaN); the resolvent is only defined "
@@ -321,7 +324,7 @@ def bk_core(
     if not use_analytic_gradient: return resolvent_diag_recurrence(alpha, beta, causal)
     return resolvent_diag_op(alpha, beta.contiguous(), causal)[0]
 
-# %% ../nbs/01_bk_core.ipynb #6b2b68bf
+# %% ../nbs/01_bk_core.ipynb #38c146ab
 BK_FLOPS_PER_ELEMENT = {  # (forward, backward) real FLOPs per element of G, from the kernel's arithmetic
     True: (14, 40),       # causal
     False: (38, 88),      # bidirectional
