@@ -16,7 +16,8 @@ from .runtime import atomic_write_bytes, in_fresh_process
 
 # %% auto #0
 __all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'load_all_results', 'write_table', 'print_table', 'role', 'model_table',
-           'bar_charts', 'standard_pairs', 'ablation_configs', 'run_in_fresh_process', 'run_ablation', 'ablation_table']
+           'bar_charts', 'standard_pairs', 'ablation_configs', 'run_in_fresh_process', 'run_or_reuse', 'run_ablation',
+           'ablation_table']
 
 # %% ../nbs/07_comparison.ipynb #cfcce89b
 REQUIRED = [f.name for f in fields(BenchmarkResults)]
@@ -102,7 +103,7 @@ def standard_pairs(results: dict[str, dict]) -> list[tuple[str, str]]:
     want = [("full", "transformer"), ("baseline", "transformer"), ("full", "baseline")]
     return [(by_role[a], by_role[b]) for a, b in want if a in by_role and b in by_role]
 
-# %% ../nbs/07_comparison.ipynb #c0d47973
+# %% ../nbs/07_comparison.ipynb #306bb788
 CLAIMS = {  # what the original documentation claimed; "" where it stated no figure
     "use_analytic_gradient": "", "use_koopman": "100x lower gradient cost", "use_physics_informed": "10x fewer steps",
     "use_quantization": "", "use_pruning": "", "use_mixed_precision": "", "use_act": "30% fewer layers",
@@ -136,15 +137,16 @@ def run_in_fresh_process(cfg: BenchmarkConfig, output_dir: str | Path, progress:
     "Run one configuration in a new Python process, so that its peak memory owes nothing to earlier runs"
     return in_fresh_process("bk_nbdev.comparison._run_config", asdict(cfg), str(output_dir), progress)
 
+def run_or_reuse(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = False) -> dict:
+    "The results of `cfg` in `output_dir`: read back when they exist for an identical config, else run in a fresh process"
+    p = WikiText2Benchmark(output_dir).results_path(cfg.model_name)
+    if p.exists() and json.loads(p.read_text())["config"] == cfg.to_dict(): return json.loads(p.read_text())
+    return run_in_fresh_process(cfg, output_dir, progress)
+
 def run_ablation(base: str = "baseline", output_dir: str | Path = "benchmark_results/ablation", progress: bool = False,
                  **overrides) -> dict[str, dict]:
     "Run every ablation configuration, each in a fresh process (reusing finished results with an identical config)"
-    bench, out = WikiText2Benchmark(output_dir), {}
-    for label, cfg in ablation_configs(base, **overrides).items():
-        p = bench.results_path(cfg.model_name)
-        if p.exists() and json.loads(p.read_text())["config"] == cfg.to_dict(): out[label] = json.loads(p.read_text())
-        else: out[label] = run_in_fresh_process(cfg, output_dir, progress)
-    return out
+    return {label: run_or_reuse(cfg, output_dir, progress) for label, cfg in ablation_configs(base, **overrides).items()}
 
 def _change(a, b):
     "Relative change of a against b (None when b is 0)"
