@@ -35,7 +35,7 @@ def dense_resolvent_diag(
     if not causal: return torch.linalg.inv(A).diagonal(dim1=-2, dim2=-1)
     return torch.stack([torch.linalg.inv(A[:, :i + 1, :i + 1])[:, i, i] for i in range(N)], 1)
 
-# %% ../nbs/01_bk_core.ipynb #04ed2d74
+# %% ../nbs/01_bk_core.ipynb #16a7d317
 def pivots(alpha: Tensor, beta: Tensor, causal: bool = True) -> tuple[Tensor, Tensor | None]:
     "Left pivots d and (unless causal) right pivots e, by the recurrences in torch ops"
     a, b = alpha.unbind(1), beta.unbind(1)  # one view per position; unbind's backward is a single stack
@@ -47,12 +47,13 @@ def pivots(alpha: Tensor, beta: Tensor, causal: bool = True) -> tuple[Tensor, Te
     for i in range(N - 2, -1, -1): e.append(a[i] - b[i] / e[-1])
     return torch.stack(d, 1), torch.stack(e[::-1], 1)
 
+# %% ../nbs/01_bk_core.ipynb #eb9fb115
 def resolvent_diag_recurrence(alpha: Tensor, beta: Tensor, causal: bool = True) -> Tensor:
     "Resolvent diagonal by the pivot recurrence in torch ops (differentiable; a Python loop over positions)"
     d, e = pivots(alpha, beta, causal)
     return 1 / d if causal else 1 / (d + e - alpha)
 
-# %% ../nbs/01_bk_core.ipynb #8302c317
+# %% ../nbs/01_bk_core.ipynb #ec7190a1
 C_SOURCE = r"""
 /* BK-Core CPU kernels: pivots of a complex tridiagonal matrix, forward and exact backward.
    Complex numbers are stored interleaved (re, im). Rows are processed in groups of W: within a group the W
@@ -151,12 +152,13 @@ DEFINE_KERNELS(double, c128)
 DEFINE_KERNELS(float, c64)
 """
 
-# %% ../nbs/01_bk_core.ipynb #834bdb98
+# %% ../nbs/01_bk_core.ipynb #68c177c6
 def _compiler() -> str | None:
     for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cc and shutil.which(cc): return cc
     return None
 
+# %% ../nbs/01_bk_core.ipynb #981118db
 def _build_library() -> Path:
     "Compile C_SOURCE into a shared library in the cache (once per source version)"
     cc = _compiler()
@@ -174,6 +176,7 @@ def _build_library() -> Path:
         os.replace(lib, out)
     return out
 
+# %% ../nbs/01_bk_core.ipynb #a4cc1607
 @lru_cache(maxsize=None)
 def _c_library():
     "The loaded C kernels, or None (with a warning) when they cannot be built"
@@ -188,16 +191,16 @@ def _c_library():
         getattr(lib, f"bk_backward_{sfx}").argtypes = [P, P, P, P, P, P, P, L, L, I]
     return lib
 
+# %% ../nbs/01_bk_core.ipynb #d821b849
 def cpu_backend() -> str:
     "'c' when the compiled kernel runs on CPU, 'torch' for the fallback recurrence"
     return "c" if _c_library() is not None else "torch"
 
-# %% ../nbs/01_bk_core.ipynb #b578f0c4
+# %% ../nbs/01_bk_core.ipynb #e9d7bc2f
 def _sfx(t: Tensor) -> str: return {torch.complex64: "c64", torch.complex128: "c128"}[t.dtype]
-
 def _ptr(t: Tensor): return ctypes.c_void_p(t.data_ptr())
 
-# %% ../nbs/01_bk_core.ipynb #7f4221fb
+# %% ../nbs/01_bk_core.ipynb #c159a4d0
 def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
     lib = _c_library()
     if lib is None:  # the fallback: the same recurrences in torch ops
@@ -213,7 +216,7 @@ def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
     getattr(lib, f"bk_forward_{_sfx(alpha)}")(_ptr(alpha), _ptr(beta), _ptr(G), _ptr(left), _ptr(right), R, N, int(causal))
     return G, left, right
 
-# %% ../nbs/01_bk_core.ipynb #35d5252c
+# %% ../nbs/01_bk_core.ipynb #514da899
 def _backward_cpu(grad_G, beta, G, left, right, causal):
     lib = _c_library()
     if lib is None: return _backward_torch(grad_G, beta, G, left, right, causal)
@@ -224,7 +227,7 @@ def _backward_cpu(grad_G, beta, G, left, right, causal):
                                             _ptr(ga), _ptr(gb), R, N, int(causal))
     return ga, gb
 
-# %% ../nbs/01_bk_core.ipynb #af16abd5
+# %% ../nbs/01_bk_core.ipynb #afecd20f
 def _backward_torch(grad_G, beta, G, left, right, causal):
     "The adjoint recurrences in torch ops (fallback when no compiler is available)"
     R, N = G.shape
@@ -243,34 +246,35 @@ def _backward_torch(grad_G, beta, G, left, right, causal):
         k = mu[:, i] + k * (beta[:, i - 1] * right[:, i] ** 2).conj(); lam_e.append(k)
     return lam_d + torch.stack(lam_e, 1) - mu, gb
 
-# %% ../nbs/01_bk_core.ipynb #cccd08c9
+# %% ../nbs/01_bk_core.ipynb #1f07bb96
 @torch.library.custom_op("bk_nbdev::resolvent_diag", mutates_args=())
 def resolvent_diag_op(alpha: Tensor, beta: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     "G (R, N) and the reciprocal left/right pivots (both empty when causal: then 1/d is G)"
     if alpha.is_cuda: return triton_forward(alpha, beta, causal)
     return _forward_cpu(alpha, beta, causal)
-
 @resolvent_diag_op.register_fake
 def _(alpha, beta, causal):
     side = (lambda: alpha.new_empty(0)) if causal else (lambda: torch.empty_like(alpha))
     return torch.empty_like(alpha), side(), side()
 
+# %% ../nbs/01_bk_core.ipynb #69a9ff91
 @torch.library.custom_op("bk_nbdev::resolvent_diag_backward", mutates_args=())
 def resolvent_diag_backward_op(grad_G: Tensor, beta: Tensor, G: Tensor, left: Tensor, right: Tensor,
                                causal: bool) -> tuple[Tensor, Tensor]:
     "Gradients for alpha and beta, given the upstream gradient of G"
     if G.is_cuda: return triton_backward(grad_G, beta, G, left, right, causal)
     return _backward_cpu(grad_G, beta, G, left, right, causal)
-
 @resolvent_diag_backward_op.register_fake
 def _(grad_G, beta, G, left, right, causal): return torch.empty_like(G), torch.empty_like(beta)
 
+# %% ../nbs/01_bk_core.ipynb #fad7388a
 def _setup_context(ctx, inputs, output):
     alpha, beta, causal = inputs
     G, left, right = output
     ctx.save_for_backward(beta, G, left, right)
     ctx.causal = causal
 
+# %% ../nbs/01_bk_core.ipynb #9fb0408e
 def _backward(ctx, grad_G, grad_left, grad_right):
     beta, G, left, right = ctx.saved_tensors
     if grad_G is None: grad_G = torch.zeros_like(G)
@@ -279,12 +283,13 @@ def _backward(ctx, grad_G, grad_left, grad_right):
 
 resolvent_diag_op.register_autograd(_backward, setup_context=_setup_context)
 
-# %% ../nbs/01_bk_core.ipynb #0fb29c48
+# %% ../nbs/01_bk_core.ipynb #9af8baef
 def _check_finite(name, t):
     if not torch.isfinite(torch.view_as_real(t) if t.is_complex() else t).all():
         raise ValueError(f"bk_core: {name} contains non-finite values (inf or NaN); the resolvent is only defined "
                          "for finite input")
 
+# %% ../nbs/01_bk_core.ipynb #7de00430
 def bk_core(
     v: Tensor,                      # (R, N) real potential, R = batch * channels
     z: complex | Tensor = 1j,       # shift with Im z > 0: a number, or a complex tensor of shape () or (R,)
@@ -324,7 +329,7 @@ def bk_core(
     if not use_analytic_gradient: return resolvent_diag_recurrence(alpha, beta, causal)
     return resolvent_diag_op(alpha, beta.contiguous(), causal)[0]
 
-# %% ../nbs/01_bk_core.ipynb #38c146ab
+# %% ../nbs/01_bk_core.ipynb #3003d38a
 BK_FLOPS_PER_ELEMENT = {  # (forward, backward) real FLOPs per element of G, from the kernel's arithmetic
     True: (14, 40),       # causal
     False: (38, 88),      # bidirectional
@@ -332,11 +337,13 @@ BK_FLOPS_PER_ELEMENT = {  # (forward, backward) real FLOPs per element of G, fro
 
 from torch.utils.flop_counter import register_flop_formula
 
+# %% ../nbs/01_bk_core.ipynb #09de7adb
 @register_flop_formula(torch.ops.bk_nbdev.resolvent_diag)
 def _bk_forward_flops(alpha_shape, beta_shape, causal, *args, out_shape=None, **kwargs) -> int:
     R, N = alpha_shape
     return BK_FLOPS_PER_ELEMENT[causal][0] * R * N
 
+# %% ../nbs/01_bk_core.ipynb #c7ff2fac
 @register_flop_formula(torch.ops.bk_nbdev.resolvent_diag_backward)
 def _bk_backward_flops(grad_shape, beta_shape, G_shape, left_shape, right_shape, causal, *args, out_shape=None, **kw) -> int:
     R, N = G_shape

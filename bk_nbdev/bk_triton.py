@@ -125,20 +125,24 @@ if triton is not None:
                 tl.store(ga + o + 1, tl.load(ga + o + 1, mask=m, other=0.0) + ki - mi, mask=m)
             # position 0: lam_e_0 = mu_0, so ga_0 = lam_d_0 + mu_0 - mu_0 (already in place)
 
-# %% ../nbs/01a_bk_triton.ipynb #a58da33a
+# %% ../nbs/01a_bk_triton.ipynb #8195d117
 def _pos_major(t: Tensor) -> Tensor:
     "(R, N) complex -> (N, R, 2) real, contiguous"
     return torch.view_as_real(t).transpose(0, 1).contiguous()
 
+# %% ../nbs/01a_bk_triton.ipynb #db3b3ef8
 def _row_major(t: Tensor) -> Tensor:
     "(N, R, 2) real -> (R, N) complex"
     return torch.view_as_complex(t.transpose(0, 1).contiguous())
 
+# %% ../nbs/01a_bk_triton.ipynb #1afe98db
 def _block(R): return 128 if torch.cuda.is_available() else 16
 
+# %% ../nbs/01a_bk_triton.ipynb #f37dee7e
 def _need_triton():
     if triton is None: raise RuntimeError("BK-Core on CUDA needs Triton (pip install triton), which is not installed")
 
+# %% ../nbs/01a_bk_triton.ipynb #571e717d
 def triton_forward(alpha: Tensor, beta: Tensor, causal: bool):
     "G, 1/d, 1/e (empty when causal) by the Triton kernel"
     _need_triton()
@@ -154,6 +158,7 @@ def triton_forward(alpha: Tensor, beta: Tensor, causal: bool):
         return _row_major(G), empty, empty
     return _row_major(G), _row_major(L), _row_major(Rt)
 
+# %% ../nbs/01a_bk_triton.ipynb #eefa2c97
 def triton_backward(grad_G: Tensor, beta: Tensor, G: Tensor, left: Tensor, right: Tensor, causal: bool):
     "Gradients for alpha and beta by the Triton kernel"
     _need_triton()

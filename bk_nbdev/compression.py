@@ -32,18 +32,20 @@ def fake_quant_int8(w: torch.Tensor) -> torch.Tensor:
     s = int8_scale(w)
     return torch.fake_quantize_per_channel_affine(w.float(), s, torch.zeros_like(s, dtype=torch.int32), 0, -127, 127).to(w.dtype)
 
-# %% ../nbs/04a_compression.ipynb #8504a099
+# %% ../nbs/04a_compression.ipynb #9d56a71c
 class QATLinear(nn.Linear):
     "nn.Linear whose weight is fake-quantized to INT8 (per output channel) in the forward pass"
     def forward(self, x): return F.linear(x, fake_quant_int8(self.weight), self.bias)
 
+# %% ../nbs/04a_compression.ipynb #2a46b516
 class QATLMHead(LMHead):
     "The LM head (02a) computing with its weight fake-quantized to INT8"
     def compute_weight(self): return fake_quant_int8(self.weight)
 
-# %% ../nbs/04a_compression.ipynb #0a4bdeba
+# %% ../nbs/04a_compression.ipynb #3cb96927
 _QAT = {nn.Linear: QATLinear, LMHead: QATLMHead}
 
+# %% ../nbs/04a_compression.ipynb #3689764f
 def enable_qat(model: nn.Module) -> int:
     "Turn every nn.Linear (and LMHead) of `model` into its QAT class (same parameters); returns how many"
     n = 0
@@ -51,7 +53,7 @@ def enable_qat(model: nn.Module) -> int:
         if type(m) in _QAT: m.__class__ = _QAT[type(m)]; n += 1
     return n
 
-# %% ../nbs/04a_compression.ipynb #4a8f86ff
+# %% ../nbs/04a_compression.ipynb #2a7f1ee9
 def export_int8(model: nn.Module) -> dict:
     "State dict with every Linear weight as int8 plus a float32 scale per output channel"
     state, linear = model.state_dict(), {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -65,7 +67,7 @@ def export_int8(model: nn.Module) -> dict:
         else: out[k] = v
     return out
 
-# %% ../nbs/04a_compression.ipynb #36eed47a
+# %% ../nbs/04a_compression.ipynb #fe4c5c35
 def load_int8(model: nn.Module, state: dict) -> nn.Module:
     "Load an `export_int8` state into `model`, dequantizing the int8 weights"
     full = {}
@@ -75,7 +77,7 @@ def load_int8(model: nn.Module, state: dict) -> nn.Module:
     model.load_state_dict(full)
     return model
 
-# %% ../nbs/04a_compression.ipynb #a9bad3cd
+# %% ../nbs/04a_compression.ipynb #4a69d81c
 def plain_copy(model: nn.Module) -> nn.Module:
     "A copy of `model` with plain linear layers and head (no fake quantization)"
     m, plain = copy.deepcopy(model), {qat: cls for cls, qat in _QAT.items()}
@@ -83,23 +85,24 @@ def plain_copy(model: nn.Module) -> nn.Module:
         if type(mod) in plain: mod.__class__ = plain[type(mod)]
     return m
 
-# %% ../nbs/04a_compression.ipynb #d65961cf
+# %% ../nbs/04a_compression.ipynb #964436da
 def pruning_schedule(epoch: int, epochs: int, target: float) -> float:
     "Fraction of channels pruned during `epoch` (0-based): cubic ramp from 0 to `target` at the last epoch"
     if epochs == 1: return target
     return target * (1 - (1 - epoch / (epochs - 1)) ** 3)
 
-# %% ../nbs/04a_compression.ipynb #1df19004
+# %% ../nbs/04a_compression.ipynb #ec1d0061
 def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     "Hidden Linear layers (not the LM head or its parts, not MoE routers)"
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n.split(".")[0] != "head" and not n.endswith("router")]
 
-# %% ../nbs/04a_compression.ipynb #3bb58b38
+# %% ../nbs/04a_compression.ipynb #251f0088
 def start_pruning(model: nn.Module):
     "Attach identity masks so that checkpoints have the same keys before and after pruning begins"
     for _, m in prunable_linears(model): prune.identity(m, "weight")
 
+# %% ../nbs/04a_compression.ipynb #9333a038
 def prune_to(model: nn.Module, fraction: float):
     "Mask output channels (L2 norm) until `fraction` of each prunable layer's rows are pruned"
     for _, m in prunable_linears(model):
@@ -107,17 +110,18 @@ def prune_to(model: nn.Module, fraction: float):
         if fraction > done:
             prune.ln_structured(m, "weight", amount=(fraction - done) / (1 - done), n=2, dim=0)
 
-# %% ../nbs/04a_compression.ipynb #5e80790f
+# %% ../nbs/04a_compression.ipynb #3c4c68bb
 def pruned_fraction(model: nn.Module) -> float:
     "Fraction of zero rows over the prunable layers"
     rows = [(m.weight.detach().abs().sum(1) == 0) for _, m in prunable_linears(model)]
     return float(torch.cat(rows).float().mean())
 
-# %% ../nbs/04a_compression.ipynb #532f914d
+# %% ../nbs/04a_compression.ipynb #bc28a9ef
 def finish_pruning(model: nn.Module):
     "Make the pruning permanent: fold the masks into the weights and drop them"
     for _, m in prunable_linears(model): prune.remove(m, "weight")
 
+# %% ../nbs/04a_compression.ipynb #b0ed4f86
 def compressed_size_mb(state: dict) -> float:
     "Size in MB of the zlib-compressed (level 6) saved `state`"
     return len(zlib.compress(state_bytes(state), 6)) / 2**20

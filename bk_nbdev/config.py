@@ -30,10 +30,11 @@ RUN_FIELDS = [("model_name", "str", "resnet_bk_baseline"),
               ("data_dir", "str", ""),                  # WikiText-2 directory ('': $BK_NBDEV_DATA, then the hub)
               ("device", "str", "auto")]                # 'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...
 
-# %% ../nbs/05b_config.ipynb #63222c84
+# %% ../nbs/05b_config.ipynb #066b6a9c
 def _default(f: dataclasses.Field):
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
+# %% ../nbs/05b_config.ipynb #83b92fbb
 def composed_fields(classes, skip=("vocab_size",), defaults: dict | None = None) -> list[tuple[str, str, object]]:
     "(name, type, default) of every field of `classes`, once each, in order; `defaults` replaces some defaults"
     out, defaults = {}, defaults or {}
@@ -46,7 +47,7 @@ def composed_fields(classes, skip=("vocab_size",), defaults: dict | None = None)
             out[f.name] = (f.name, f.type, d)
     return list(out.values())
 
-# %% ../nbs/05b_config.ipynb #f0c04037
+# %% ../nbs/05b_config.ipynb #86577417
 class _BenchmarkConfigMethods:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -72,16 +73,17 @@ class _BenchmarkConfigMethods:
 
     def digest(self) -> str: return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
-# %% ../nbs/05b_config.ipynb #b0b90157
+# %% ../nbs/05b_config.ipynb #4fcac8d6
 _FIELDS = RUN_FIELDS + composed_fields([ConfigurableResNetBKConfig, TransformerConfig, TrainConfig],
                                        defaults={f: False for f in FLAGS})
 BenchmarkConfig = dataclasses.make_dataclass("BenchmarkConfig", [(n, t, field(default=d)) for n, t, d in _FIELDS],
     bases=(_BenchmarkConfigMethods,), namespace={"__module__": __name__,
     "__doc__": "One benchmark run: the run's own fields, then those of the model configs and TrainConfig"})
 
-# %% ../nbs/05b_config.ipynb #9696ea93
+# %% ../nbs/05b_config.ipynb #363cb806
 PRESETS_ENV_VAR = "BK_NBDEV_PRESETS"
 
+# %% ../nbs/05b_config.ipynb #c657720c
 def presets_file() -> Path:
     if os.environ.get(PRESETS_ENV_VAR): return Path(os.environ[PRESETS_ENV_VAR])
     for d in [Path.cwd(), *Path.cwd().parents, Path(bk_nbdev.__file__).resolve().parents[1]]:
@@ -89,6 +91,7 @@ def presets_file() -> Path:
             return d/"settings.ini"
     raise FileNotFoundError(f"settings.ini with the benchmark presets not found; set ${PRESETS_ENV_VAR}")
 
+# %% ../nbs/05b_config.ipynb #d94b6a99
 def _convert(name: str, value, typ):
     if typ in ("bool", bool):
         if isinstance(value, bool): return value
@@ -107,10 +110,12 @@ def _convert(name: str, value, typ):
         except (TypeError, ValueError, SyntaxError): pass
     raise ValueError(f"{name} = {value!r} is not a valid {getattr(typ, '__name__', typ)}")
 
+# %% ../nbs/05b_config.ipynb #4fc9798b
 def preset_names(path: str | Path | None = None) -> list[str]:
     cp = configparser.ConfigParser(); cp.read(path or presets_file())
     return cp.sections()
 
+# %% ../nbs/05b_config.ipynb #f89415fb
 def load_preset(name: str, path: str | Path | None = None, **overrides) -> BenchmarkConfig:
     "The BenchmarkConfig of preset `name` in settings.ini, with `overrides` applied"
     cp = configparser.ConfigParser(); cp.read(path or presets_file())

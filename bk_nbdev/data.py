@@ -29,24 +29,26 @@ CONFIGS = {  # configuration -> suffix of the original release files
 }
 _RELEASE_NAME = {"train": "train", "validation": "valid", "test": "test"}
 
-# %% ../nbs/00_data.ipynb #62aa796a
+# %% ../nbs/00_data.ipynb #bb94ce66
 def _check_config(config):
     if config not in CONFIGS:
         raise ValueError(f"Unknown WikiText-2 configuration {config!r}; valid: {', '.join(CONFIGS)}")
 
+# %% ../nbs/00_data.ipynb #bf566959
 def _lines_of(path: Path) -> list[str]:
     "Lines of a release file; each line is one dataset row"
     text = path.read_text(encoding="utf-8")
     if not text.strip(): raise ValueError(f"Split file {path} is empty")
     return text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
 
+# %% ../nbs/00_data.ipynb #12728cb2
 def _parquet_lines(files: list[Path]) -> list[str]:
     import pyarrow.parquet as pq
     lines = [row for f in sorted(files) for row in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
     if not lines: raise ValueError(f"Parquet files {[str(f) for f in files]} hold no rows")
     return lines
 
-# %% ../nbs/00_data.ipynb #6dddaf30
+# %% ../nbs/00_data.ipynb #964fad9d
 def read_split_dir(
     data_dir: str | Path,          # a directory with release files or parquet files (or a `config` sub-directory)
     config: str = "wikitext-2-v1", # a key of `CONFIGS`
@@ -66,13 +68,14 @@ def read_split_dir(
             f"No {split} split for {config!r} in {str(d)!r}: expected {release.name} or {split}-*.parquet")
     return out
 
-# %% ../nbs/00_data.ipynb #7b71be8c
+# %% ../nbs/00_data.ipynb #3e82c7b7
 def _hub_reachable(timeout: float = 2.0) -> bool:
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
     try:
         with socket.create_connection((host, 443), timeout=timeout): return True
     except OSError: return False
 
+# %% ../nbs/00_data.ipynb #91a3a61a
 def _from_hub(config) -> dict[str, list[str]]:
     if os.environ.get("HF_HUB_OFFLINE") != "1" and not _hub_reachable():
         raise FileNotFoundError(
@@ -84,7 +87,7 @@ def _from_hub(config) -> dict[str, list[str]]:
     ds = load_dataset("Salesforce/wikitext", config)
     return {split: list(ds[split]["text"]) for split in SPLITS}
 
-# %% ../nbs/00_data.ipynb #5075977f
+# %% ../nbs/00_data.ipynb #3d208ce5
 def load_wikitext2(
     config: str = "wikitext-2-v1",   # `wikitext-2-v1` (closed vocabulary) or `wikitext-2-raw-v1`
     data_dir: str | Path | None = None, # directory with the split files; default: $BK_NBDEV_DATA, then the hub
@@ -94,14 +97,14 @@ def load_wikitext2(
     data_dir = data_dir or os.environ.get(DATA_ENV_VAR)
     return read_split_dir(data_dir, config) if data_dir else _from_hub(config)
 
-# %% ../nbs/00_data.ipynb #90403c0e
+# %% ../nbs/00_data.ipynb #28963bad
 EOS, UNK = "<eos>", "<unk>"
 
 def line_tokens(line: str) -> list[str]:
     "Words of one dataset row followed by the end-of-line token"
     return line.split() + [EOS]
 
-# %% ../nbs/00_data.ipynb #25f37974
+# %% ../nbs/00_data.ipynb #174b56a6
 class Vocab:
     "Bidirectional map between words and integer ids"
     def __init__(self, itos: list[str]):
@@ -129,7 +132,7 @@ class Vocab:
 
     def decode(self, ids) -> list[str]: return [self.itos[int(i)] for i in ids]
 
-# %% ../nbs/00_data.ipynb #23ad1460
+# %% ../nbs/00_data.ipynb #2d140ee3
 @dataclass
 class Corpus:
     "Token streams of the three splits and their vocabulary"
@@ -143,6 +146,7 @@ class Corpus:
         return (f"Corpus({self.name!r}: train {len(self.train):,}, validation {len(self.validation):,}, "
                 f"test {len(self.test):,} tokens, vocab {len(self.vocab):,})")
 
+# %% ../nbs/00_data.ipynb #1a9a0bc4
 def tokenize_splits(
     splits: dict[str, list[str]], # lines of `train`, `validation`, `test`
     max_vocab: int | None = None, # cap on the vocabulary size (None: every training word)
@@ -152,9 +156,10 @@ def tokenize_splits(
     vocab = Vocab.from_lines(splits["train"], max_vocab)
     return Corpus(*(vocab.encode(splits[s]) for s in SPLITS), vocab=vocab, name=name)
 
-# %% ../nbs/00_data.ipynb #7218e68d
+# %% ../nbs/00_data.ipynb #a2482512
 _TOKENIZER_VERSION = 1
 
+# %% ../nbs/00_data.ipynb #742abbf2
 def _digest(splits, extra) -> str:
     h = hashlib.sha256(repr(extra).encode())
     for s in SPLITS:
@@ -162,15 +167,18 @@ def _digest(splits, extra) -> str:
         h.update(b"\x00")
     return h.hexdigest()[:32]
 
+# %% ../nbs/00_data.ipynb #0f03c138
 def _payload(c: Corpus) -> bytes:
     buf = io.BytesIO()
     torch.save({"train": c.train, "validation": c.validation, "test": c.test, "itos": c.vocab.itos, "name": c.name}, buf)
     return buf.getvalue()
 
+# %% ../nbs/00_data.ipynb #76edee26
 def _save_cache(path, c: Corpus):
     data = _payload(c)
     atomic_write_bytes(path, hashlib.sha256(data).hexdigest().encode() + b"\n" + data)
 
+# %% ../nbs/00_data.ipynb #6ed333d7
 def _load_cache(path) -> Corpus | None:
     "The cached corpus, or None when the file is missing or fails its checksum"
     try: raw = Path(path).read_bytes()
@@ -180,7 +188,7 @@ def _load_cache(path) -> Corpus | None:
     d = torch.load(io.BytesIO(data), weights_only=True)
     return Corpus(d["train"], d["validation"], d["test"], Vocab(d["itos"]), d["name"])
 
-# %% ../nbs/00_data.ipynb #fd904774
+# %% ../nbs/00_data.ipynb #7f24e0dc
 def load_corpus(
     config: str = "wikitext-2-v1",       # WikiText-2 configuration, or "synthetic"
     data_dir: str | Path | None = None,  # see `load_wikitext2`
@@ -204,12 +212,13 @@ def load_corpus(
     if use_cache: _save_cache(path, c)
     return c
 
-# %% ../nbs/00_data.ipynb #1e2c0c23
+# %% ../nbs/00_data.ipynb #505e22eb
 def _check_positive(**kw):
     for k, v in kw.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{k} must be a positive integer, got {v!r}")
 
+# %% ../nbs/00_data.ipynb #a34fde83
 def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:
     "Cut `stream` into `batch_size` contiguous rows (batch-major), dropping the remainder"
     _check_positive(batch_size=batch_size)
@@ -218,6 +227,7 @@ def batchify(stream: torch.Tensor, batch_size: int) -> torch.Tensor:
                                f"(at most {len(stream) // 2})")
     return stream[: n * batch_size].view(batch_size, n)
 
+# %% ../nbs/00_data.ipynb #57d4e82a
 def n_lm_batches(stream: torch.Tensor, batch_size: int, n_seq: int) -> int:
     "Number of full (inputs, targets) windows `lm_batches` yields"
     _check_positive(batch_size=batch_size, n_seq=n_seq)
@@ -227,6 +237,7 @@ def n_lm_batches(stream: torch.Tensor, batch_size: int, n_seq: int) -> int:
                          f"so n_seq must be at most {cols - 1}")
     return (cols - 1) // n_seq
 
+# %% ../nbs/00_data.ipynb #ea332a67
 def lm_batches(stream: torch.Tensor, batch_size: int, n_seq: int, start: int = 0):
     "Yield (inputs, targets) of shape (batch_size, n_seq), beginning at window `start`"
     data = batchify(stream, batch_size)
@@ -234,7 +245,7 @@ def lm_batches(stream: torch.Tensor, batch_size: int, n_seq: int, start: int = 0
         i = k * n_seq
         yield data[:, i : i + n_seq], data[:, i + 1 : i + 1 + n_seq]
 
-# %% ../nbs/00_data.ipynb #e63ca14d
+# %% ../nbs/00_data.ipynb #8bca057a
 def eval_batches(stream: torch.Tensor, batch_size: int, n_seq: int, bos: int):
     "Yield (inputs, targets) windows whose targets cover `stream` exactly once, in order"
     _check_positive(batch_size=batch_size, n_seq=n_seq)
@@ -246,11 +257,12 @@ def eval_batches(stream: torch.Tensor, batch_size: int, n_seq: int, bos: int):
     if len(stream) % n_seq:
         yield full[n_full * n_seq : -1].unsqueeze(0), full[n_full * n_seq + 1 :].unsqueeze(0)
 
-# %% ../nbs/00_data.ipynb #6283f764
+# %% ../nbs/00_data.ipynb #950d7048
 def _grammar_words(n_topics: int = 8):
     topics = [{"nouns": [f"n{t}_{i}" for i in range(16)], "verbs": [f"v{t}_{i}" for i in range(8)]} for t in range(n_topics)]
     return topics, ["the", "a", "this", "every"], ["red", "old", "quiet", "bright", "small", "heavy"]
 
+# %% ../nbs/00_data.ipynb #1ae60927
 def _sentence(rng: random.Random, topic, dets, adjs) -> str:
     plural = rng.random() < 0.4
     noun = rng.choice(topic["nouns"]) + ("s" if plural else "")
@@ -261,6 +273,7 @@ def _sentence(rng: random.Random, topic, dets, adjs) -> str:
     words += [noun, verb, rng.choice(dets), obj] + (["»"] if quoted else []) + ["."]
     return " ".join(words)
 
+# %% ../nbs/00_data.ipynb #27297d76
 def synthetic_lines(n_lines: int, seed: int = 0) -> list[str]:
     "Paragraphs of the grammar; every eighth line is blank, as between WikiText articles"
     rng = random.Random(seed)
@@ -272,6 +285,7 @@ def synthetic_lines(n_lines: int, seed: int = 0) -> list[str]:
         lines.append(" ".join(_sentence(rng, topic, dets, adjs) for _ in range(rng.randint(2, 6))))
     return lines
 
+# %% ../nbs/00_data.ipynb #1db53576
 def synthetic_splits(n_train: int = 2000, n_valid: int = 200, n_test: int = 200, seed: int = 0) -> dict[str, list[str]]:
     "Train / validation / test lines of the synthetic corpus, the same interface as `load_wikitext2`"
     return {"train": synthetic_lines(n_train, seed), "validation": synthetic_lines(n_valid, seed + 1),

@@ -21,19 +21,22 @@ import bk_nbdev.bk_core  # registers the BK-Core FLOP formulas
 __all__ = ['aten', 'LOG_SOFTMAX_FLOPS', 'LOSS_OPS', 'EXTRA_FORMULAS', 'flop_counter', 'optimizer_flops_per_param',
            'optimizer_flops', 'measure_step', 'FLOPsResult', 'FLOPsCounter']
 
-# %% ../nbs/02_flops.ipynb #e8412a16
+# %% ../nbs/02_flops.ipynb #02534ff9
 aten = torch.ops.aten
 
 def _raw(f):
     f._get_raw = True
     return f
 
+# %% ../nbs/02_flops.ipynb #cea0dd40
 def _cpu_sdpa(q, k, v, *args, out_shape=None, **kwargs) -> int:
     return fc.sdpa_flop_count(q, k, v)
 
+# %% ../nbs/02_flops.ipynb #d4b70828
 def _cpu_sdpa_backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
     return fc.sdpa_backward_flop_count(grad_out, q, k, v)
 
+# %% ../nbs/02_flops.ipynb #b2ee2117
 def _complex_aware(op):
     "PyTorch's formula for matmul `op`, x4 when its inputs are complex (a complex multiply-add is 8 real FLOPs)"
     formula = fc.flop_registry[op]  # takes raw arguments
@@ -43,15 +46,19 @@ def _complex_aware(op):
         return 4 * n if any(isinstance(a, torch.Tensor) and a.is_complex() for a in args) else n
     return f
 
+# %% ../nbs/02_flops.ipynb #8f1b9ddb
 LOG_SOFTMAX_FLOPS = 4  # per logit: subtract max, exp, sum, subtract log-sum-exp (max and log amortized)
 
+# %% ../nbs/02_flops.ipynb #07baac32
 def _log_softmax(x, *args, out_shape=None, **kwargs) -> int: return LOG_SOFTMAX_FLOPS * x.numel()
 def _log_softmax_backward(grad, *args, out_shape=None, **kwargs) -> int: return LOG_SOFTMAX_FLOPS * grad.numel()
 def _nll(logp, target, *args, out_shape=None, **kwargs) -> int: return target.numel()
 def _nll_backward(grad, logp, target, *args, out_shape=None, **kwargs) -> int: return target.numel()
 
+# %% ../nbs/02_flops.ipynb #a6017032
 LOSS_OPS = {aten._log_softmax, aten._log_softmax_backward_data, aten.nll_loss_forward, aten.nll_loss_backward}
 
+# %% ../nbs/02_flops.ipynb #c3dfd500
 EXTRA_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward,
@@ -60,11 +67,12 @@ EXTRA_FORMULAS = {
     aten.nll_loss_forward: _nll, aten.nll_loss_backward: _nll_backward,
 }
 
+# %% ../nbs/02_flops.ipynb #dbd05906
 def flop_counter() -> FlopCounterMode:
     "A FlopCounterMode with the formulas above"
     return FlopCounterMode(display=False, depth=None, custom_mapping=EXTRA_FORMULAS)
 
-# %% ../nbs/02_flops.ipynb #368c551d
+# %% ../nbs/02_flops.ipynb #4965054c
 def optimizer_flops_per_param(optimizer: str = "adamw", momentum: float = 0.0, nesterov: bool = False,
                               weight_decay: float = 0.0) -> int:
     "FLOPs per trainable parameter element for one step of `optimizer` ('adamw', 'adam', 'sgd')"
@@ -75,6 +83,7 @@ def optimizer_flops_per_param(optimizer: str = "adamw", momentum: float = 0.0, n
     if opt == "sgd": return 2 + decay + (2 if momentum else 0) + (2 if nesterov else 0)
     raise ValueError(f"Unknown optimizer {optimizer!r}; valid: 'adamw', 'adam', 'sgd'")
 
+# %% ../nbs/02_flops.ipynb #610722a7
 def optimizer_flops(model_or_opt, optimizer: str | None = None, **kw) -> int:
     "FLOPs of one optimizer step: from a torch optimizer, or from a model and an optimizer name"
     if isinstance(model_or_opt, torch.optim.Optimizer):
@@ -89,7 +98,7 @@ def optimizer_flops(model_or_opt, optimizer: str | None = None, **kw) -> int:
     n = sum(p.numel() for p in model_or_opt.parameters() if p.requires_grad)
     return optimizer_flops_per_param(optimizer or "adamw", **kw) * n
 
-# %% ../nbs/02_flops.ipynb #496e998e
+# %% ../nbs/02_flops.ipynb #bdd3635e
 def measure_step(loss_fn) -> tuple[FlopCounterMode, FlopCounterMode, FlopCounterMode]:
     "Counters of the forward pass (`loss_fn()` returning a scalar loss), of its backward pass, and of both"
     with flop_counter() as both:
@@ -97,7 +106,7 @@ def measure_step(loss_fn) -> tuple[FlopCounterMode, FlopCounterMode, FlopCounter
         with flop_counter() as bwd: loss.backward()
     return fwd, bwd, both
 
-# %% ../nbs/02_flops.ipynb #03f1dc6f
+# %% ../nbs/02_flops.ipynb #20025a4b
 @dataclass
 class FLOPsResult:
     "FLOPs of one training step, measured"
@@ -136,7 +145,7 @@ class FLOPsResult:
         lines.append(f"  counted on {self.counted_on}" + (" (the compute depends on the input)" if self.input_dependent else ""))
         return "\n".join(lines)
 
-# %% ../nbs/02_flops.ipynb #f6a19217
+# %% ../nbs/02_flops.ipynb #301ebef8
 def _part(name: str) -> str | None:
     "The breakdown part a module path belongs to (None: not a leaf part)"
     parts = name.split(".")
@@ -150,6 +159,7 @@ def _part(name: str) -> str | None:
         if sub[:1] == ["ffn"]: return "ffn"
     return None
 
+# %% ../nbs/02_flops.ipynb #4619195a
 class FLOPsCounter:
     "Measured FLOPs of one training step of `model` on (batch_size, seq_len) token batches"
     def __init__(self, model: nn.Module, batch_size: int = 32, seq_len: int = 128, optimizer: str = "adamw",

@@ -74,7 +74,7 @@ def fused_linear_ce(
         if bias is not None: gb.add_(zs.sum(0))
     return nll, gh, gW, gb
 
-# %% ../nbs/02a_lm_head.ipynb #c246d31e
+# %% ../nbs/02a_lm_head.ipynb #9200378b
 @torch.library.custom_op("bk_nbdev::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int,
                             chunk_size: int, low_precision: bool, with_grad: bool
@@ -82,24 +82,28 @@ def linear_cross_entropy_op(h: Tensor, weight: Tensor, bias: Tensor | None, targ
     "(nll, dsum/dh, dsum/dW, dsum/db) of the fused head; the gradients are empty without `with_grad`"
     return fused_linear_ce(h, weight, bias, targets, ignore_index, chunk_size, low_precision, with_grad)
 
+# %% ../nbs/02a_lm_head.ipynb #a5f3288c
 @linear_cross_entropy_op.register_fake
 def _(h, weight, bias, targets, ignore_index, chunk_size, low_precision, with_grad):
     grad = lambda t: h.new_empty(t.shape) if with_grad and t is not None else h.new_empty(0)
     return h.new_empty(h.shape[0]), grad(h), grad(weight), grad(bias)
 
-# %% ../nbs/02a_lm_head.ipynb #e00acff2
+# %% ../nbs/02a_lm_head.ipynb #0cdd3413
 @torch.library.custom_op("bk_nbdev::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward_op(scale: Tensor, gh: Tensor, gW: Tensor, gb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     "The stored gradients times the common weight `scale` of every token's loss"
     return gh * scale, gW * scale, gb * scale
 
+# %% ../nbs/02a_lm_head.ipynb #a66a0149
 @linear_cross_entropy_backward_op.register_fake
 def _(scale, gh, gW, gb): return torch.empty_like(gh), torch.empty_like(gW), torch.empty_like(gb)
 
+# %% ../nbs/02a_lm_head.ipynb #849abb6b
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*output[1:])
     ctx.has_bias, ctx.with_grad = inputs[2] is not None, inputs[7]
 
+# %% ../nbs/02a_lm_head.ipynb #be68d908
 def _backward(ctx, grad_nll, *_):
     if not ctx.with_grad: raise RuntimeError("linear_cross_entropy: gradients were not computed (with_grad=False)")
     c = grad_nll[:1].reshape(()) if grad_nll.numel() else grad_nll.new_zeros(())
@@ -111,26 +115,28 @@ def _backward(ctx, grad_nll, *_):
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
-# %% ../nbs/02a_lm_head.ipynb #8af7e883
+# %% ../nbs/02a_lm_head.ipynb #8f34b619
 def _sizes(h_shape, weight_shape) -> tuple[int, int, int]: return h_shape[0], h_shape[1], weight_shape[0]
 
+# %% ../nbs/02a_lm_head.ipynb #0b9b38e4
 @register_flop_formula(torch.ops.bk_nbdev.linear_cross_entropy)
 def _lce_forward_flops(h_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
     T, d, V = _sizes(h_shape, weight_shape)
     return 2 * T * d * V + LOG_SOFTMAX_FLOPS * T * V + T
 
+# %% ../nbs/02a_lm_head.ipynb #cb1a7b6e
 @register_flop_formula(torch.ops.bk_nbdev.linear_cross_entropy_backward)
 def _lce_backward_flops(scale_shape, gh_shape, gW_shape, *args, out_shape=None, **kwargs) -> int:
     T, d, V = _sizes(gh_shape, gW_shape)
     return 4 * T * d * V + LOG_SOFTMAX_FLOPS * T * V + T
 
-# %% ../nbs/02a_lm_head.ipynb #ac7be8c7
+# %% ../nbs/02a_lm_head.ipynb #ae30367d
 def _check_targets(y: Tensor, V: int, ignore_index: int):
     if y.dtype != torch.long: raise ValueError(f"targets must be int64 token ids, got {y.dtype}")
     bad = y[(y != ignore_index) & ((y < 0) | (y >= V))]
     if len(bad): raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}, got {bad[:5].tolist()}")
 
-# %% ../nbs/02a_lm_head.ipynb #5f5c71c9
+# %% ../nbs/02a_lm_head.ipynb #37d78f85
 def linear_cross_entropy(
     h: Tensor,                 # (..., d) hidden states
     weight: Tensor,            # (V, d)
@@ -154,14 +160,14 @@ def linear_cross_entropy(
     if reduction == "none": return nll.view(targets.shape)
     return nll.sum() if reduction == "sum" else nll.sum() / (y != ignore_index).sum()
 
-# %% ../nbs/02a_lm_head.ipynb #2c37db5b
+# %% ../nbs/02a_lm_head.ipynb #afe25acd
 def bf16_is_fast(device: str | torch.device = "cpu") -> bool:
     "Whether bf16 matrix products are native on `device`: CUDA, or a CPU with AVX512-BF16 or AMX"
     dev = torch.device(device)
     if dev.type == "cuda": return torch.cuda.is_bf16_supported()
     return dev.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
-# %% ../nbs/02a_lm_head.ipynb #ab533be7
+# %% ../nbs/02a_lm_head.ipynb #d8532fba
 class LMHead(nn.Linear):
     "Linear LM head: `head(h)` gives logits, `head(h, targets)` each token's cross-entropy (fused, chunked)"
     def __init__(self, d_model: int, vocab_size: int, fused: bool = True, chunk_size: int = 256):
@@ -180,7 +186,7 @@ class LMHead(nn.Linear):
         return linear_cross_entropy(h.float(), w, self.bias, targets, "none", chunk_size=self.chunk_size,
                                     low_precision=low)
 
-# %% ../nbs/02a_lm_head.ipynb #9c78ce3c
+# %% ../nbs/02a_lm_head.ipynb #80eb6b3b
 class AdaptiveHead(nn.Module):
     "Adaptive softmax over words ranked by training frequency: `head(h)` log-probabilities, `head(h, targets)` NLL"
     def __init__(self, d_model: int, vocab_size: int, cutoffs: tuple = (2000, 10000), div_value: float = 4.0):
@@ -198,9 +204,10 @@ class AdaptiveHead(nn.Module):
         if targets is None: return self.asm.log_prob(flat)[:, self.rank].view(*h.shape[:-1], -1)
         return -self.asm(flat, self.rank[targets.reshape(-1)]).output.view(targets.shape)
 
-# %% ../nbs/02a_lm_head.ipynb #8af0d992
+# %% ../nbs/02a_lm_head.ipynb #9609c6b2
 HEAD_IMPLS = ("unfused fp32", "unfused autocast", "fused fp32", "fused bf16")
 
+# %% ../nbs/02a_lm_head.ipynb #0cf9cbd6
 def _head_step(impl: str, h: Tensor, W: Tensor, b: Tensor, y: Tensor):
     "One forward + backward of head and mean loss with implementation `impl`"
     h, W, b = (t.detach().requires_grad_() for t in (h, W, b))
@@ -210,12 +217,13 @@ def _head_step(impl: str, h: Tensor, W: Tensor, b: Tensor, y: Tensor):
     else: loss = linear_cross_entropy(h, W, b, y, low_precision=impl.endswith("bf16"))
     loss.backward()
 
-# %% ../nbs/02a_lm_head.ipynb #4109bf56
+# %% ../nbs/02a_lm_head.ipynb #74746145
 def _inputs(T: int, d: int, V: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(T, d, generator=g), torch.randn(V, d, generator=g) * 0.02, torch.zeros(V),
             torch.randint(0, V, (T,), generator=g))
 
+# %% ../nbs/02a_lm_head.ipynb #4cfcd10f
 def head_peak_mb(impl: str, T: int, d: int, V: int) -> float:
     "Peak RSS in MB of one step of `impl`, above what the process held before it (run it in a fresh process)"
     _head_step(impl, *_inputs(8, d, V))  # warm up: load the kernels before measuring
@@ -224,7 +232,7 @@ def head_peak_mb(impl: str, T: int, d: int, V: int) -> float:
     _head_step(impl, *args)
     return peak_memory("cpu")[0] - base
 
-# %% ../nbs/02a_lm_head.ipynb #76e54fe1
+# %% ../nbs/02a_lm_head.ipynb #d0ae18ba
 def head_benchmark(T: int = 4096, d: int = 64, V: int = 33_278, repeat: int = 3, memory: bool = True,
                    impls: tuple = HEAD_IMPLS) -> list[dict]:
     "Seconds (best of `repeat`, impls interleaved) and peak memory of head + loss forward and backward"

@@ -22,9 +22,10 @@ __all__ = ['LM_HEADS', 'ModelConfig', 'make_head', 'make_config', 'TransformerCo
            'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'MoEFFN', 'BKMixer', 'ResNetBKLayer',
            'ResNetBKBlock', 'ResNetBKLM', 'check_causal', 'expected_params', 'train_steps']
 
-# %% ../nbs/03_models.ipynb #2df33cd3
+# %% ../nbs/03_models.ipynb #7ba064f1
 LM_HEADS = ("fused", "unfused", "adaptive")
 
+# %% ../nbs/03_models.ipynb #7d58fb92
 @dataclass
 class ModelConfig:
     "Fields shared by every model"
@@ -51,11 +52,13 @@ class ModelConfig:
                 raise ValueError(f"adaptive_cutoffs must increase strictly within [1, {self.vocab_size}), got {self.adaptive_cutoffs}")
             if self.tie_weights: raise ValueError("tie_weights needs a linear head, not lm_head='adaptive'")
 
+# %% ../nbs/03_models.ipynb #ca6a41f6
 def make_head(cfg: ModelConfig) -> nn.Module:
     "The LM head that `cfg.lm_head` names (see 02a)"
     if cfg.lm_head == "adaptive": return AdaptiveHead(cfg.d_model, cfg.vocab_size, tuple(cfg.adaptive_cutoffs))
     return LMHead(cfg.d_model, cfg.vocab_size, fused=cfg.lm_head == "fused")
 
+# %% ../nbs/03_models.ipynb #6af0143e
 def make_config(cls, **kwargs):
     "An instance of the config dataclass `cls`; unknown fields raise an error listing the valid ones"
     names = [f.name for f in dataclasses.fields(cls)]
@@ -63,7 +66,7 @@ def make_config(cls, **kwargs):
     if bad: raise ValueError(f"Unknown {cls.__name__} field(s) {bad}; valid fields: {', '.join(names)}")
     return cls(**kwargs)
 
-# %% ../nbs/03_models.ipynb #0a9b4c26
+# %% ../nbs/03_models.ipynb #f9365b43
 @dataclass
 class TransformerConfig(ModelConfig):
     "The causal Transformer baseline"
@@ -75,6 +78,7 @@ class TransformerConfig(ModelConfig):
         if not isinstance(self.n_heads, int) or self.n_heads < 1 or self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
+# %% ../nbs/03_models.ipynb #fd11d6dc
 @dataclass
 class ResNetBKConfig(ModelConfig):
     "ResNet-BK: MoE FFN + causal BK-Core in each block"
@@ -92,7 +96,7 @@ class ResNetBKConfig(ModelConfig):
         if self.bk_channels < 1: raise ValueError(f"bk_channels must be >= 1, got {self.bk_channels}")
         if complex(self.z).imag <= 0: raise ValueError(f"z must have Im z > 0, got {self.z}")
 
-# %% ../nbs/03_models.ipynb #13f3d88b
+# %% ../nbs/03_models.ipynb #3e531260
 class CausalLM(nn.Module):
     "Embeddings -> body -> final LayerNorm -> LM head; `loss` adds the model's auxiliary losses"
     def __init__(self, cfg: ModelConfig):
@@ -139,7 +143,7 @@ class CausalLM(nn.Module):
 
     def n_params(self) -> int: return sum(p.numel() for p in self.parameters())
 
-# %% ../nbs/03_models.ipynb #f6a5a95f
+# %% ../nbs/03_models.ipynb #255f1a20
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -154,6 +158,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.drop(self.out(y.transpose(1, 2).reshape(B, N, D)))
 
+# %% ../nbs/03_models.ipynb #331ed78a
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -166,6 +171,7 @@ class TransformerBlock(nn.Module):
         x = x + self.attn(self.ln1(x))
         return x + self.ffn(self.ln2(x))
 
+# %% ../nbs/03_models.ipynb #a4c7226d
 class TransformerLM(CausalLM):
     "Causal Transformer language model (the baseline)"
     def __init__(self, cfg: TransformerConfig):
@@ -176,7 +182,7 @@ class TransformerLM(CausalLM):
         for blk in self.blocks: x = blk(x)
         return x
 
-# %% ../nbs/03_models.ipynb #581a3493
+# %% ../nbs/03_models.ipynb #91c16b72
 class MoEFFN(nn.Module):
     "Top-k mixture of experts; gates are softmax probabilities over all experts"
     row_multiple = 16  # expert batches are padded to a multiple of this many rows (see below)
@@ -208,7 +214,7 @@ class MoEFFN(nn.Module):
         balance = E * (frac * probs.mean(0)).sum()
         return out, balance
 
-# %% ../nbs/03_models.ipynb #ebdd0d2b
+# %% ../nbs/03_models.ipynb #be5edced
 class BKMixer(nn.Module):
     "Potential from the FFN output -> causal BK-Core -> [Re g, Im g] -> projection, scaled"
     def __init__(self, cfg: ResNetBKConfig):
@@ -230,6 +236,7 @@ class BKMixer(nn.Module):
         v = self.v_proj(h) if v is None else v
         return self.bk_scale * self.output_proj(self.resolvent(v))
 
+# %% ../nbs/03_models.ipynb #48d1aaa5
 class ResNetBKLayer(nn.Module):
     "MoE FFN + BK mixing; returns the layer output and the load-balancing loss"
     def __init__(self, cfg: ResNetBKConfig):
@@ -237,12 +244,19 @@ class ResNetBKLayer(nn.Module):
         self.moe = MoEFFN(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.dropout)
         self.bk = BKMixer(cfg)
 
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, h: Tensor, potential=None, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, N, D = h.shape
-        ffn, balance = self.moe(h.reshape(B * N, D))
+        flat = h.reshape(B * N, D)
+        if active is None: ffn, balance = self.moe(flat)
+        else:
+            sub, balance = self.moe(flat[active])
+            ffn = flat.new_zeros(B * N, D).index_copy(0, active, sub)
         ffn = ffn.view(B, N, D)
-        return ffn + self.bk(ffn), balance
+        v = self.bk.v_proj(ffn)
+        if potential is not None: v = potential(ffn, v)
+        return ffn + self.bk(ffn, v=v), balance
 
+# %% ../nbs/03_models.ipynb #30c485f7
 class ResNetBKBlock(nn.Module):
     def __init__(self, cfg: ResNetBKConfig):
         super().__init__()
@@ -253,6 +267,7 @@ class ResNetBKBlock(nn.Module):
         y, balance = self.layer(self.ln(x))
         return x + y, balance
 
+# %% ../nbs/03_models.ipynb #32c82fe1
 class ResNetBKLM(CausalLM):
     "ResNet-BK language model: pre-LN residual blocks of MoE FFN + causal BK-Core"
     def __init__(self, cfg: ResNetBKConfig):
@@ -263,12 +278,15 @@ class ResNetBKLM(CausalLM):
         balance = 0.0
         for blk in self.blocks:
             x, b = blk(x); balance = balance + b
-        balance = balance / len(self.blocks)
-        self.aux["moe_balance"] = self.cfg.moe_balance_weight * balance
-        self._stats["moe_balance"] = float(balance.detach())
+        self.report_balance(balance / len(self.blocks))
         return x
 
-# %% ../nbs/03_models.ipynb #831acb61
+    def report_balance(self, balance: Tensor):
+        "Add the mean load-balancing loss of the layers to `aux` and report it"
+        self.aux["moe_balance"] = self.cfg.moe_balance_weight * balance
+        self._stats["moe_balance"] = float(balance.detach())
+
+# %% ../nbs/03_models.ipynb #2503ebf1
 def check_causal(model: nn.Module, vocab_size: int, n_seq: int, positions=(0, 5), batch: int = 2, seed: int = 0):
     "Assert that changing token t changes no logit before t (eval mode, exact) and does change logits at t"
     g = torch.Generator().manual_seed(seed)
@@ -282,13 +300,14 @@ def check_causal(model: nn.Module, vocab_size: int, n_seq: int, positions=(0, 5)
             assert torch.equal(out[:, :t], base[:, :t]), f"logits before position {t} changed"
             assert not torch.equal(out[:, t], base[:, t]), f"logits at position {t} did not change"
 
-# %% ../nbs/03_models.ipynb #880c1e09
+# %% ../nbs/03_models.ipynb #1382b448
 def _head_params(cfg: ModelConfig) -> int:
     V, d = cfg.vocab_size, cfg.d_model
     if cfg.lm_head != "adaptive": return V if cfg.tie_weights else V * d + V
     c = [*cfg.adaptive_cutoffs, V]
     return d * (c[0] + len(c) - 1) + sum(d // 4 ** (i + 1) * (d + c[i + 1] - c[i]) for i in range(len(c) - 1))
 
+# %% ../nbs/03_models.ipynb #5794b5b1
 def expected_params(cfg: ModelConfig) -> int:
     "Closed-form parameter count of the model built from `cfg`"
     V, d, L, S = cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_seq
@@ -302,7 +321,7 @@ def expected_params(cfg: ModelConfig) -> int:
     else: raise TypeError(f"no closed form for {type(cfg).__name__}")
     return common + L * block
 
-# %% ../nbs/03_models.ipynb #e658a0b2
+# %% ../nbs/03_models.ipynb #6cb10ddb
 def train_steps(model: CausalLM, batches, steps: int = 30, lr: float = 3e-3, seed: int = 0) -> list[float]:
     "Losses of `steps` AdamW steps over `batches`, (inputs, targets) pairs (a quick check that a model learns)"
     torch.manual_seed(seed)

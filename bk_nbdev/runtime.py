@@ -17,14 +17,15 @@ import torch.nn as nn
 __all__ = ['CACHE_ENV_VAR', 'cache_dir', 'atomic_write_bytes', 'state_bytes', 'model_size_mb', 'reset_peak_memory', 'peak_memory',
            'in_fresh_process', 'is_allocation_failure', 'dist_info', 'init_distributed', 'all_sum', 'resolve_device']
 
-# %% ../nbs/00a_runtime.ipynb #bafefd77
+# %% ../nbs/00a_runtime.ipynb #4195fb06
 CACHE_ENV_VAR = "BK_NBDEV_CACHE"
 
+# %% ../nbs/00a_runtime.ipynb #9072cb21
 def cache_dir() -> Path:
     "The cache directory: `$BK_NBDEV_CACHE`, else ~/.cache/bk_nbdev"
     return Path(os.environ.get(CACHE_ENV_VAR, Path.home()/".cache"/"bk_nbdev")).expanduser()
 
-# %% ../nbs/00a_runtime.ipynb #1b35e28e
+# %% ../nbs/00a_runtime.ipynb #d17bdf86
 def atomic_write_bytes(path: str | Path, data: bytes):
     "Write `data` to `path` through a temporary file and a rename"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,17 +36,18 @@ def atomic_write_bytes(path: str | Path, data: bytes):
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
-# %% ../nbs/00a_runtime.ipynb #01ad972b
+# %% ../nbs/00a_runtime.ipynb #ef3e436d
 def state_bytes(state: dict) -> bytes:
     "`state` as `torch.save` writes it"
     buf = io.BytesIO(); torch.save(state, buf); return buf.getvalue()
 
+# %% ../nbs/00a_runtime.ipynb #85a71fdd
 def model_size_mb(model_or_state: nn.Module | dict) -> float:
     "Size in MB (2^20 bytes) of the saved state dict"
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     return len(state_bytes(state)) / 2**20
 
-# %% ../nbs/00a_runtime.ipynb #d183194f
+# %% ../nbs/00a_runtime.ipynb #c2b3da8f
 def reset_peak_memory(device: str | torch.device):
     "Start a new peak-memory measurement on `device`"
     if torch.device(device).type == "cuda": torch.cuda.reset_peak_memory_stats(device)
@@ -53,7 +55,7 @@ def reset_peak_memory(device: str | torch.device):
         try: Path("/proc/self/clear_refs").write_text("5")
         except OSError: pass  # not Linux: the peak then covers the process's whole life (see peak_memory's label)
 
-# %% ../nbs/00a_runtime.ipynb #37632a7b
+# %% ../nbs/00a_runtime.ipynb #ea022084
 def peak_memory(device: str | torch.device) -> tuple[float, str]:
     "(peak MB since `reset_peak_memory`, what was measured)"
     if torch.device(device).type == "cuda": return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
@@ -64,7 +66,7 @@ def peak_memory(device: str | torch.device) -> tuple[float, str]:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss_process_lifetime"
 
-# %% ../nbs/00a_runtime.ipynb #9a930db4
+# %% ../nbs/00a_runtime.ipynb #fdd8fe13
 def in_fresh_process(fn: str, *args):
     "Call the module-level function `fn` ('package.module.name') with `args` in a new spawned Python process"
     import importlib, multiprocessing as mp
@@ -73,18 +75,18 @@ def in_fresh_process(fn: str, *args):
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         return ex.submit(getattr(importlib.import_module(module), name), *args).result()
 
-# %% ../nbs/00a_runtime.ipynb #ec369867
+# %% ../nbs/00a_runtime.ipynb #ca7c0384
 def is_allocation_failure(e: BaseException) -> bool:
     "Whether `e` is a failure to allocate memory (and not some other error)"
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)): return True
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
-# %% ../nbs/00a_runtime.ipynb #196226b9
+# %% ../nbs/00a_runtime.ipynb #55463f84
 def dist_info() -> tuple[int, int]:
     "(rank, world size); (0, 1) outside a process group"
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
 
-# %% ../nbs/00a_runtime.ipynb #4b4380ac
+# %% ../nbs/00a_runtime.ipynb #8f5ffee5
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, str | None]:
     "Join torchrun's process group when WORLD_SIZE > 1: (rank, world size, backend)"
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1: return 0, 1, None
@@ -94,7 +96,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, str | None]:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), dist.get_backend()
 
-# %% ../nbs/00a_runtime.ipynb #09fa9272
+# %% ../nbs/00a_runtime.ipynb #bf6be1eb
 def all_sum(values: list[float], device: str | torch.device, op=None) -> list[float]:
     "Sum (or `op`, a `dist.ReduceOp`) of `values` over the ranks; `values` itself on one process"
     if dist_info()[1] == 1: return list(values)
@@ -102,7 +104,7 @@ def all_sum(values: list[float], device: str | torch.device, op=None) -> list[fl
     dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t.tolist()
 
-# %% ../nbs/00a_runtime.ipynb #fb688b32
+# %% ../nbs/00a_runtime.ipynb #4c41744e
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     "`device` as a torch.device: 'auto' is CUDA when available, else the CPU (see above for 'cuda')"
     device = str(device)

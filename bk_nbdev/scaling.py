@@ -21,13 +21,14 @@ from .runtime import atomic_write_bytes, in_fresh_process, is_allocation_failure
 __all__ = ['PARTS', 'MODELS', 'build', 'best_time', 'peak_rss_child', 'measure', 'fit_slope', 'crossover', 'scaling_study',
            'plot_scaling', 'save_study', 'main']
 
-# %% ../nbs/08_scaling.ipynb #64d24aa4
+# %% ../nbs/08_scaling.ipynb #8c2748a2
 def build(model_type: str, N: int, d_model: int = 64, n_layers: int = 4, vocab_size: int = 33_278) -> nn.Module:
     "The benchmark's model of `model_type` (05b's MODEL_TYPES) for N tokens: no flag but ResNet-BK's analytic gradient, no dropout"
     cfg = BenchmarkConfig(model_type=model_type, n_seq=N, d_model=d_model, n_layers=n_layers, dropout=0.0, seed=0,
                           use_analytic_gradient=model_type == "resnet_bk")
     return cfg.build_model(vocab_size)
 
+# %% ../nbs/08_scaling.ipynb #c9053f5e
 def _runner(model, part: str, B: int, N: int):
     "A function doing one forward (and optionally backward) pass of `part` of `model`"
     d, V = model.cfg.d_model, model.cfg.vocab_size
@@ -45,12 +46,14 @@ def _runner(model, part: str, B: int, N: int):
         if backward: (y if y.dim() == 0 else y.float().pow(2).mean()).backward()
     return run
 
+# %% ../nbs/08_scaling.ipynb #f5342f92
 def best_time(fn, repeat: int = 2) -> float:
     fn(); ts = []
     for _ in range(repeat):
         t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
     return min(ts)
 
+# %% ../nbs/08_scaling.ipynb #ac4b0ce7
 def peak_rss_child(model_type: str, part: str, N: int, B: int, model_kw: dict,
                    memory_limit_mb: float | None = None) -> tuple[float, float, str]:
     "In a fresh process: (resident MB after building the inputs, peak resident MB of one forward+backward, kind)"
@@ -73,6 +76,7 @@ def peak_rss_child(model_type: str, part: str, N: int, B: int, model_kw: dict,
     peak, kind = peak_memory("cpu")
     return before, peak, kind
 
+# %% ../nbs/08_scaling.ipynb #ebfc716b
 def measure(model_type: str, part: str, N: int, tokens: int = 16_384, repeat: int = 2, memory: bool = True,
             memory_limit_mb: float | None = None, **model_kw) -> dict:
     "Forward and forward+backward seconds, and peak memory, of `part` at length N (batch = tokens // N)"
@@ -92,7 +96,7 @@ def measure(model_type: str, part: str, N: int, tokens: int = 16_384, repeat: in
     fb = best_time(lambda: (model.zero_grad(set_to_none=True), run(True)), repeat)
     return {"model": model_type, "part": part, "N": N, "batch": B, "tokens": B * N, "fwd_s": fwd, "fwd_bwd_s": fb, **mem}
 
-# %% ../nbs/08_scaling.ipynb #75ae130d
+# %% ../nbs/08_scaling.ipynb #1dd5b401
 def fit_slope(ns: list[int], ts: list[float], tokens: list[int], fit_from: int = 1024) -> float | None:
     "Least-squares slope of log(time per sequence) against log N, over N >= fit_from (None: < 2 points)"
     pts = [(math.log(n), math.log(t * n / k)) for n, t, k in zip(ns, ts, tokens) if n >= fit_from and t > 0]
@@ -100,6 +104,7 @@ def fit_slope(ns: list[int], ts: list[float], tokens: list[int], fit_from: int =
     mx, my = sum(x for x, _ in pts) / len(pts), sum(y for _, y in pts) / len(pts)
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
+# %% ../nbs/08_scaling.ipynb #3438a50d
 def crossover(rows: list[dict], part: str, key: str = "fwd_bwd_s") -> int | None:
     "Smallest N at which ResNet-BK is faster than the Transformer for `part` (None: never, in the range measured)"
     t = {(r["model"], r["N"]): r[key] for r in rows if r["part"] == part}
@@ -107,11 +112,13 @@ def crossover(rows: list[dict], part: str, key: str = "fwd_bwd_s") -> int | None
         if ("transformer", N) in t and ("resnet_bk", N) in t and t[("resnet_bk", N)] < t[("transformer", N)]: return N
     return None
 
-# %% ../nbs/08_scaling.ipynb #4e195032
+# %% ../nbs/08_scaling.ipynb #4be44c36
 PARTS = ("layer", "model_no_head", "model")
 
+# %% ../nbs/08_scaling.ipynb #1a8d04eb
 MODELS = tuple(MODEL_TYPES)
 
+# %% ../nbs/08_scaling.ipynb #138b6c04
 def scaling_study(max_n: int = 16_384, min_n: int = 128, tokens: int = 16_384, max_seconds: float = 30.0,
                   parts=PARTS, d_model: int = 64, n_layers: int = 4, vocab_size: int = 33_278, repeat: int = 2,
                   fit_from: int = 1024, verbose: bool = True, memory: bool = True, models=MODELS,
@@ -153,7 +160,7 @@ def scaling_study(max_n: int = 16_384, min_n: int = 128, tokens: int = 16_384, m
             "flops_at_2048": flops, "settings": dict(max_n=max_n, min_n=min_n, tokens=tokens, max_seconds=max_seconds,
             d_model=d_model, n_layers=n_layers, vocab_size=vocab_size, fit_from=fit_from, models=list(models), memory_limit_mb=memory_limit_mb, threads=torch.get_num_threads())}
 
-# %% ../nbs/08_scaling.ipynb #db4d1cc7
+# %% ../nbs/08_scaling.ipynb #571f5954
 def plot_scaling(study: dict, path: str | Path, show: bool = False) -> Path:
     "Log-log time per sequence (forward+backward) and peak memory against N, per part"
     import matplotlib
@@ -180,6 +187,7 @@ def plot_scaling(study: dict, path: str | Path, show: bool = False) -> Path:
     plt.close(fig)
     return Path(path)
 
+# %% ../nbs/08_scaling.ipynb #b6db71e2
 def save_study(study: dict, out_dir: str | Path, show: bool = False) -> Path:
     "scaling.json, scaling.csv and scaling.png in `out_dir` (`show`: also display the figure)"
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +197,7 @@ def save_study(study: dict, out_dir: str | Path, show: bool = False) -> Path:
                                                                          for r in study["rows"]]) + "\n").encode())
     return plot_scaling(study, out/"scaling.png", show)
 
+# %% ../nbs/08_scaling.ipynb #1efc77dc
 def main(argv=None):
     "Command line: python -m bk_nbdev.scaling [--max-n N] [--tokens T] [--max-seconds S] [--models M ...] [--out DIR]"
     ap = argparse.ArgumentParser(prog="python -m bk_nbdev.scaling", description="Transformer vs ResNet-BK scaling in N")

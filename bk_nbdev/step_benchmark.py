@@ -19,9 +19,10 @@ from .training import train
 # %% auto #0
 __all__ = ['STEP_VARIANTS', 'variant_config', 'step_run', 'step_benchmark', 'print_step_table', 'main']
 
-# %% ../nbs/05a_step_benchmark.ipynb #bae55c47
+# %% ../nbs/05a_step_benchmark.ipynb #5bb81a4e
 STEP_VARIANTS = {"unfused fp32": ("unfused", False), "fused fp32": ("fused", False), "fused mixed": ("fused", True)}
 
+# %% ../nbs/05a_step_benchmark.ipynb #f7a5db08
 def variant_config(preset: str, variant: str, steps: int) -> BenchmarkConfig:
     "Preset `preset` with `variant`'s head and precision, for one epoch of `steps` steps"
     if variant not in STEP_VARIANTS: raise ValueError(f"variant {variant!r} is unknown; valid: {', '.join(STEP_VARIANTS)}")
@@ -29,7 +30,7 @@ def variant_config(preset: str, variant: str, steps: int) -> BenchmarkConfig:
     cfg = load_preset(preset, lm_head=head, use_mixed_precision=mixed, epochs=1, warmup_steps=1)
     return dataclasses.replace(cfg, max_train_tokens=steps * cfg.batch_size * cfg.n_seq)
 
-# %% ../nbs/05a_step_benchmark.ipynb #e7a3b00a
+# %% ../nbs/05a_step_benchmark.ipynb #dfe7bc7b
 def step_run(preset: str, variant: str, steps: int = 8) -> dict:
     "Seconds per step (after the timing warm-up) and peak memory (MB) of `steps` training steps, in this process"
     cfg = variant_config(preset, variant, steps)
@@ -40,7 +41,7 @@ def step_run(preset: str, variant: str, steps: int = 8) -> dict:
     return {"preset": preset, "variant": variant, "steps": r.steps,
             "seconds_per_step": cfg.batch_size * cfg.n_seq / r.tokens_per_second, "peak_mb": r.peak_memory_mb}
 
-# %% ../nbs/05a_step_benchmark.ipynb #207e2766
+# %% ../nbs/05a_step_benchmark.ipynb #eb7c67e2
 def step_benchmark(presets: tuple = ("transformer", "baseline"), variants: tuple = tuple(STEP_VARIANTS),
                    repeat: int = 3, steps: int = 8) -> list[dict]:
     "Median seconds per step and peak memory of each preset and variant, runs interleaved, one process each"
@@ -56,7 +57,7 @@ def step_benchmark(presets: tuple = ("transformer", "baseline"), variants: tuple
         r["speedup"] = next(b for b in rows if b["preset"] == r["preset"])["seconds_per_step"] / r["seconds_per_step"]
     return rows
 
-# %% ../nbs/05a_step_benchmark.ipynb #9efcd195
+# %% ../nbs/05a_step_benchmark.ipynb #55837b06
 def print_step_table(rows: list[dict]):
     "The table of `step_benchmark`'s rows"
     print(f"{'preset':12} {'variant':14} {'s/step':>7} {'(min-max)':>13} {'speed-up':>8} {'peak MB':>8}")
@@ -64,7 +65,7 @@ def print_step_table(rows: list[dict]):
         print(f"{r['preset']:12} {r['variant']:14} {r['seconds_per_step']:7.3f} ({r['min']:.3f}-{r['max']:.3f}) "
               f"{r['speedup']:7.2f}x {r['peak_mb']:8.0f}")
 
-# %% ../nbs/05a_step_benchmark.ipynb #435d7851
+# %% ../nbs/05a_step_benchmark.ipynb #cb566f14
 def main(argv=None):
     "python -m bk_nbdev.step_benchmark [--presets P ...] [--variants V ...] [--repeat R] [--steps S]"
     import argparse
@@ -76,5 +77,5 @@ def main(argv=None):
     print(f"bf16 native: {bf16_is_fast()}")
     print_step_table(step_benchmark(tuple(a.presets), tuple(a.variants), a.repeat, a.steps))
 
-# %% ../nbs/05a_step_benchmark.ipynb #9f08df65
+# %% ../nbs/05a_step_benchmark.ipynb #8c8c0f4c
 if __name__ == "__main__" and not in_ipython(): main()  # python -m bk_nbdev.step_benchmark

@@ -102,7 +102,7 @@ def _check_finite_grads(model: nn.Module, epoch: int, step: int):
         if p.grad is not None and not torch.isfinite(p.grad).all():
             raise FloatingPointError(f"non-finite gradient at epoch {epoch} step {step} in parameter {n!r}")
 
-# %% ../nbs/05_training.ipynb #4eeddc0f
+# %% ../nbs/05_training.ipynb #926a8480
 @dataclass
 class TrainResult:
     "What a training run measured"
@@ -123,8 +123,8 @@ class TrainResult:
     peak_memory_mb: float = 0.0
     peak_memory_kind: str = ""
     model_size_mb: float = 0.0
-    extra: dict = field(default_factory=dict)               # flag-specific measurements
-    eval_stats: dict = field(default_factory=dict)          # the model's statistics on the validation split
+    flag_measurements: dict = field(default_factory=dict)   # flag-specific measurements
+    model_stats: dict = field(default_factory=dict)         # the model's statistics on the validation split
     world_size: int = 1                                     # data-parallel processes (all figures are for the job)
     backend: str = ""                                       # torch.distributed backend ('' for one process)
     per_rank: dict = field(default_factory=dict)            # tokens/s and peak memory of each rank
@@ -256,7 +256,7 @@ def train_epoch(run: TrainRun, progress: bool = True) -> dict:
     n = max(len(lengths), 1)
     return {**s, "loss": s["loss"] / n, "ce": s["ce"] / n, "seconds": time.perf_counter() - t_epoch}
 
-# %% ../nbs/05_training.ipynb #43b4ec30
+# %% ../nbs/05_training.ipynb #70ce91fe
 def end_epoch(run: TrainRun, ep: dict, corpus: Corpus, checkpoint: Path | None = None):
     "Record epoch `ep`, evaluate on the validation split, keep the best weights, checkpoint"
     res, cfg = run.result, run.cfg
@@ -264,7 +264,7 @@ def end_epoch(run: TrainRun, ep: dict, corpus: Corpus, checkpoint: Path | None =
     res.epoch_tokens.append(ep["tokens"]); res.epoch_flops.append(ep["flops"])
     res.backprop_tokens += ep["backprop_tokens"]; res.steps = run.step
     val = evaluate(run.model, corpus.validation, corpus.vocab.stoi[EOS], cfg.eval_batch_size, cfg.n_seq, run.device)
-    res.epoch_perplexities.append(val["perplexity"]); res.eval_stats = val["stats"]
+    res.epoch_perplexities.append(val["perplexity"]); res.model_stats = val["stats"]
     at_target = not cfg.use_pruning or pruning_schedule(run.epoch, cfg.epochs, cfg.prune_target) == cfg.prune_target
     if at_target and val["perplexity"] < res.best_perplexity:
         res.best_perplexity, res.best_epoch = val["perplexity"], run.epoch
@@ -315,7 +315,7 @@ def _flag_measurements(run: TrainRun, corpus: Corpus) -> dict:
     out["compressed_size_mb"] = compressed_size_mb(model.state_dict())  # zlib of the final state (pruned zeros shrink)
     return out
 
-# %% ../nbs/05_training.ipynb #34d16b86
+# %% ../nbs/05_training.ipynb #5730d978
 def finish_run(run: TrainRun, corpus: Corpus) -> TrainResult:
     "Final measurements and the test of the best weights"
     _record_speed_and_memory(run)
@@ -323,7 +323,7 @@ def finish_run(run: TrainRun, corpus: Corpus) -> TrainResult:
     run.model.load_state_dict(run.best_state)
     test = evaluate(run.model, corpus.test, corpus.vocab.stoi[EOS], run.cfg.eval_batch_size, run.cfg.n_seq, run.device)
     res.test_perplexity, res.test_nll = test["perplexity"], test["nll"]
-    res.extra = _flag_measurements(run, corpus)  # makes pruning permanent first,
+    res.flag_measurements = _flag_measurements(run, corpus)  # makes pruning permanent first,
     res.model_size_mb = model_size_mb(run.model)  # so that no pruning masks are counted
     return res
 

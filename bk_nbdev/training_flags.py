@@ -23,7 +23,7 @@ def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
     if dev.type == "cuda": return torch.float16
     return torch.bfloat16 if bf16_is_fast(dev) else None
 
-# %% ../nbs/04b_training_flags.ipynb #8c628a29
+# %% ../nbs/04b_training_flags.ipynb #de391807
 def precision(mixed: bool, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     "A run's autocast dtype (None: float32) and gradient scaler (float16 only); warns where `mixed` falls back"
     amp = autocast_dtype(device) if mixed else None
@@ -31,11 +31,12 @@ def precision(mixed: bool, device: torch.device) -> tuple[torch.dtype | None, to
         warnings.warn("use_mixed_precision: bf16 is not native on this CPU (no AVX512-BF16 or AMX); training in float32")
     return amp, (torch.amp.GradScaler("cuda") if amp == torch.float16 else None)
 
+# %% ../nbs/04b_training_flags.ipynb #598f561c
 def autocast(device: torch.device, dtype: torch.dtype | None):
     "`torch.autocast` to `dtype` on `device`'s type; a no-op context for None"
     return torch.autocast(device.type, dtype or torch.bfloat16, enabled=dtype is not None)
 
-# %% ../nbs/04b_training_flags.ipynb #a8ccc7a5
+# %% ../nbs/04b_training_flags.ipynb #bc1fc1aa
 def curriculum_length(step: int, total_steps: int, n_seq: int, fraction: float) -> int:
     "Sequence length at `step`: powers of two from max(8, n_seq/8) up to n_seq over the first `fraction` of the steps"
     lo = max(8, n_seq // 8)
@@ -45,7 +46,7 @@ def curriculum_length(step: int, total_steps: int, n_seq: int, fraction: float) 
     while L < n_seq: levels.append(L); L *= 2
     return levels[min(int(step / (fraction * total_steps) * len(levels)), len(levels) - 1)]
 
-# %% ../nbs/04b_training_flags.ipynb #6eaf73b0
+# %% ../nbs/04b_training_flags.ipynb #c1594cd0
 def epoch_lengths(step: int, total_steps: int, n_seq: int, budget: int, curriculum: float | None = None) -> list[int]:
     "Lengths of the steps of an epoch that starts at global `step` and reads ≤ `budget` columns (`curriculum`: its fraction)"
     lengths, pos = [], 0
@@ -55,7 +56,7 @@ def epoch_lengths(step: int, total_steps: int, n_seq: int, budget: int, curricul
         if pos + L > budget: return lengths
         lengths.append(L); pos += L
 
-# %% ../nbs/04b_training_flags.ipynb #ed344931
+# %% ../nbs/04b_training_flags.ipynb #83f3ad63
 def select_hardest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, keep: int, amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
     "The `keep` sequences of (x, y) with the highest mean loss under `model` (scored in eval mode, without gradients)"
     model.eval()
