@@ -134,3 +134,27 @@ def test_settings_default_section_agrees_with_the_dataclass():
         assert _convert(k, v, types[k].type) == types[k].default, f"[DEFAULT] {k} = {v} differs from the default"
     for name in cp.sections():  # every preset key is a field
         assert set(cp[name]) <= set(types), (name, set(cp[name]) - set(types))
+
+
+SHOWS = re.compile(r"\bprint(_table)?\(|show=True|plt\.show\(|^show\(|\bdisplay\(", re.M)
+CHURN = re.compile(r"/tmp/|/work/|/home/|/root/|/Users/| at 0x[0-9a-f]+|\d{4}-\d\d-\d\dT\d\d:\d\d")
+
+
+def _code_cells(nb_path):
+    for c in json.loads(nb_path.read_text())["cells"]:
+        src = "".join(c["source"])
+        if c["cell_type"] == "code" and not re.match(r"#\|\s*(slow|gpu|notest|export|hide)\b", src):
+            yield src, c.get("outputs", [])
+
+
+def _text(outputs):
+    return "".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", "")) for o in outputs)
+
+
+@pytest.mark.parametrize("nb", sorted((ROOT / "nbs").glob("[0-9]*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_committed_with_outputs(nb):
+    "A cell that prints a table or shows a figure carries the output of the default run (`nbdev-test --save`)"
+    empty = [src.splitlines()[0] for src, outs in _code_cells(nb) if SHOWS.search(src) and not outs]
+    assert not empty, f"{nb.name}: cells without their output: {empty}; run the README's 'Develop' command"
+    churn = [m.group(0) for _, outs in _code_cells(nb) if (m := CHURN.search(_text(outs)))]
+    assert not churn, f"{nb.name}: outputs hold machine paths, addresses or timestamps: {churn}"
