@@ -39,7 +39,7 @@ def load_all_results(results_dir: str | Path) -> dict[str, dict]:
         out[r["model_name"]] = r
     return out
 
-# %% ../nbs/07_comparison.ipynb #2270a9f8
+# %% ../nbs/07_comparison.ipynb #5fca0f2f
 def write_table(rows: list[dict], stem: str | Path):
     "Write `rows` as `stem.csv` and `stem.json` (atomically)"
     stem = Path(stem)
@@ -49,7 +49,7 @@ def write_table(rows: list[dict], stem: str | Path):
     w = csv.DictWriter(buf, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
     atomic_write_bytes(stem.with_suffix(".csv"), buf.getvalue().encode())
 
-# %% ../nbs/07_comparison.ipynb #a73efacd
+# %% ../nbs/07_comparison.ipynb #620b281d
 def print_table(rows: list[dict], floatfmt: str = ".4g"):
     cols = list(rows[0])
     fmt = lambda v: "-" if v is None else (format(v, floatfmt) if isinstance(v, float) else str(v))
@@ -57,14 +57,14 @@ def print_table(rows: list[dict], floatfmt: str = ".4g"):
     print("  ".join(c.rjust(width[c]) for c in cols))
     for r in rows: print("  ".join(fmt(r[c]).rjust(width[c]) for c in cols))
 
-# %% ../nbs/07_comparison.ipynb #7072f435
+# %% ../nbs/07_comparison.ipynb #c94c242f
 def role(r: dict) -> str:
     "transformer, baseline (ResNet-BK, no flag) or full (ResNet-BK with flags)"
     c = r["config"]
     if c["model_type"] == "transformer": return "transformer"
     return "full" if any(c.get(f) for f in FLAGS) else "baseline"
 
-# %% ../nbs/07_comparison.ipynb #30792787
+# %% ../nbs/07_comparison.ipynb #5948b9ab
 def model_table(results: dict[str, dict]) -> list[dict]:
     ref = next((r for r in results.values() if role(r) == "transformer"), None)
     rows = []
@@ -77,7 +77,7 @@ def model_table(results: dict[str, dict]) -> list[dict]:
                      "peak_mem_mb": r["peak_memory_mb"], "size_mb": r["model_size_mb"]})
     return rows
 
-# %% ../nbs/07_comparison.ipynb #7dd4b7a6
+# %% ../nbs/07_comparison.ipynb #15f39609
 def bar_charts(results: dict[str, dict], path: str | Path, show: bool = False) -> Path:
     "FLOPs (with and without head), time, memory and size per model, as one PNG"
     import matplotlib
@@ -100,7 +100,7 @@ def bar_charts(results: dict[str, dict], path: str | Path, show: bool = False) -
     plt.close(fig)
     return Path(path)
 
-# %% ../nbs/07_comparison.ipynb #b10e27b3
+# %% ../nbs/07_comparison.ipynb #0bd89122
 def standard_pairs(results: dict[str, dict]) -> list[tuple[str, str]]:
     "(full, transformer), (baseline, transformer), (full, baseline) among the runs present; full: the most flags on"
     n_flags = lambda n: sum(bool(results[n]["config"].get(f)) for f in FLAGS)
@@ -109,7 +109,7 @@ def standard_pairs(results: dict[str, dict]) -> list[tuple[str, str]]:
     want = [("full", "transformer"), ("baseline", "transformer"), ("full", "baseline")]
     return [(by_role[a], by_role[b]) for a, b in want if a in by_role and b in by_role]
 
-# %% ../nbs/07_comparison.ipynb #3e6f64e5
+# %% ../nbs/07_comparison.ipynb #939f16a9
 CLAIMS = {  # what the original documentation claimed; "" where it stated no figure
     "use_analytic_gradient": "", "use_koopman": "100x lower gradient cost", "use_physics_informed": "10x fewer steps",
     "use_quantization": "", "use_pruning": "", "use_mixed_precision": "", "use_act": "30% fewer layers",
@@ -126,7 +126,7 @@ OWN_MEASURE = {  # the flag's own measurements: where they live in the results
     "use_curriculum": [("flag_measurements", "tokens_read")],
 }
 
-# %% ../nbs/07_comparison.ipynb #eee49bde
+# %% ../nbs/07_comparison.ipynb #35612daa
 def ablation_configs(base: str = "baseline", **overrides) -> dict[str, BenchmarkConfig]:
     "Row label -> config: the base, each flag alone, all flags"
     b = load_preset(base, **overrides)
@@ -136,35 +136,35 @@ def ablation_configs(base: str = "baseline", **overrides) -> dict[str, Benchmark
     rows["all flags"] = BenchmarkConfig(**{**asdict(b), **{f: True for f in FLAGS}, "model_name": f"{b.model_name}+all"})
     return rows
 
-# %% ../nbs/07_comparison.ipynb #7e41cfaf
+# %% ../nbs/07_comparison.ipynb #f2fd1ea0
 def _run_config(cfg: dict, output_dir: str, progress: bool) -> dict:
     "One benchmark run from a plain config dict (what the fresh process receives), its results as a dict"
     return asdict(WikiText2Benchmark(output_dir).run_benchmark(BenchmarkConfig(**cfg), progress=progress))
 
-# %% ../nbs/07_comparison.ipynb #49f4c81a
+# %% ../nbs/07_comparison.ipynb #a9b5b7bd
 def run_in_fresh_process(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = False) -> dict:
     "Run one configuration in a new Python process, so that its peak memory owes nothing to earlier runs"
     return in_fresh_process("bk_nbdev.comparison._run_config", asdict(cfg), str(output_dir), progress)
 
-# %% ../nbs/07_comparison.ipynb #eed71ca1
+# %% ../nbs/07_comparison.ipynb #b0d0fb8d
 def run_or_reuse(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = False) -> dict:
     "The results of `cfg` in `output_dir`: read back when they exist for an identical config, else run in a fresh process"
     p = WikiText2Benchmark(output_dir).results_path(cfg.model_name)
     if p.exists() and json.loads(p.read_text())["config"] == cfg.to_dict(): return json.loads(p.read_text())
     return run_in_fresh_process(cfg, output_dir, progress)
 
-# %% ../nbs/07_comparison.ipynb #0a35f85f
+# %% ../nbs/07_comparison.ipynb #ae61da45
 def run_ablation(base: str = "baseline", output_dir: str | Path = "benchmark_results/ablation", progress: bool = False,
                  **overrides) -> dict[str, dict]:
     "Run every ablation configuration, each in a fresh process (reusing finished results with an identical config)"
     return {label: run_or_reuse(cfg, output_dir, progress) for label, cfg in ablation_configs(base, **overrides).items()}
 
-# %% ../nbs/07_comparison.ipynb #74e4047f
+# %% ../nbs/07_comparison.ipynb #0e64a42c
 def _change(a, b):
     "Relative change of a against b (None when b is 0)"
     return None if not b else a / b - 1
 
-# %% ../nbs/07_comparison.ipynb #debf2c74
+# %% ../nbs/07_comparison.ipynb #e64cd899
 def ablation_table(runs: dict[str, dict]) -> list[dict]:
     base, rows = runs["base"], []
     step_time = lambda r: r["training_time"] / r["steps"]

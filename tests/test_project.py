@@ -158,3 +158,10 @@ def test_notebooks_committed_with_outputs(nb):
     assert not empty, f"{nb.name}: cells without their output: {empty}; run the README's 'Develop' command"
     churn = [m.group(0) for _, outs in _code_cells(nb) if (m := CHURN.search(_text(outs)))]
     assert not churn, f"{nb.name}: outputs hold machine paths, addresses or timestamps: {churn}"
+
+
+def test_readme_results_are_rendered_from_the_reference_json():
+    "Every number of the README's Results section comes from results/reference (python -m bk_nbdev.report)"
+    from bk_nbdev.report import results_markdown
+    assert results_markdown(ROOT / "results" / "reference") in (ROOT / "README.md").read_text(), \
+        "README.md's Results differ from results/reference: run python -m bk_nbdev.report"
