@@ -188,7 +188,7 @@ def _load_cache(path) -> Corpus | None:
     d = torch.load(io.BytesIO(data), weights_only=True)
     return Corpus(d["train"], d["validation"], d["test"], Vocab(d["itos"]), d["name"])
 
-# %% ../nbs/00_data.ipynb #7f24e0dc
+# %% ../nbs/00_data.ipynb #5505f050
 def load_corpus(
     config: str = "wikitext-2-v1",       # WikiText-2 configuration, or "synthetic"
     data_dir: str | Path | None = None,  # see `load_wikitext2`
@@ -205,9 +205,9 @@ def load_corpus(
     if use_cache:
         c = _load_cache(path)
         if c is not None:
-            if verbose: print(f"cache hit: {path}")
+            if verbose: print(f"cache hit: {path.name}")
             return c
-        if path.exists() and verbose: print(f"cache file {path} is corrupt: rebuilding")
+        if path.exists() and verbose: print(f"cache file {path.name} is corrupt: rebuilding")
     c = tokenize_splits(splits, max_vocab, name=config)
     if use_cache: _save_cache(path, c)
     return c

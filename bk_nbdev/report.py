@@ -47,7 +47,7 @@ def load_runs(study: Path) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in (study/"wikitext2").glob("*_results.json")]
     return sorted(runs, key=lambda r: (r["config"]["model_type"] != "transformer", r["config"]["lr"]))
 
-# %% ../nbs/07b_report.ipynb #e0847156
+# %% ../nbs/07b_report.ipynb #67603c62
 def models_section(study: Path) -> str:
     "The runs of a study side by side, each against the Transformer at its learning rate"
     runs = load_runs(study)
@@ -59,7 +59,7 @@ def models_section(study: Path) -> str:
     return md_table(["model", "lr", "val ppl", "test ppl", "test ppl / Transformer", "parameters", "GFLOPs/step",
                      "peak MB", "size MB"], rows)
 
-# %% ../nbs/07b_report.ipynb #4677b2d0
+# %% ../nbs/07b_report.ipynb #a1f96b60
 def chosen_section(study: Path) -> str:
     "Each preset at its chosen learning rate: validation and test perplexity, test ratio to the Transformer's"
     choice = json.loads((study/"lr_choice.json").read_text())
@@ -70,7 +70,7 @@ def chosen_section(study: Path) -> str:
             for p, r in picked.items()]
     return md_table(["preset", "chosen lr", "val ppl", "test ppl", "test ppl / Transformer"], rows)
 
-# %% ../nbs/07b_report.ipynb #79b09fa9
+# %% ../nbs/07b_report.ipynb #3cc17c9d
 def provenance_line(study: Path) -> str:
     "Commit(s), machine, threads and torch version of a study's runs, and its own note"
     runs, note = load_runs(study), json.loads((study/"provenance.json").read_text())
@@ -79,7 +79,7 @@ def provenance_line(study: Path) -> str:
     return (f"Command: `{note['command']}`. Commit {', '.join(commits)}; {m['device_name']} ({m['device']}), "
             f"{m['threads']} threads, torch {m['torch']}, seed {m['seed']}. {note['note']}")
 
-# %% ../nbs/07b_report.ipynb #eb95b0f1
+# %% ../nbs/07b_report.ipynb #3b633a5f
 def budget_line(study: Path) -> str:
     "The training budget and seed of a study's runs, from their config"
     c, seed = load_runs(study)[0]["config"], load_runs(study)[0]["metadata"]["seed"]
@@ -87,7 +87,7 @@ def budget_line(study: Path) -> str:
             f"{c['n_layers']} layers, N {c['n_seq']}, batch {c['batch_size']}); validation and test perplexity over "
             f"every token of their splits; one seed ({seed}).")
 
-# %% ../nbs/07b_report.ipynb #3bb209da
+# %% ../nbs/07b_report.ipynb #988ecdd4
 def plot_sweep(study: Path) -> Path:
     "lr_sweep.png of a study: best validation perplexity against learning rate per preset"
     import matplotlib; matplotlib.use("Agg")
@@ -103,7 +103,7 @@ def plot_sweep(study: Path) -> Path:
     fig.savefig(out, dpi=100); plt.close(fig)
     return out
 
-# %% ../nbs/07b_report.ipynb #05509a1a
+# %% ../nbs/07b_report.ipynb #52fcdf8f
 def results_markdown(ref: Path | None = None) -> str:
     "The README's Results section, from the reference results under `ref` (default: results/reference)"
     study = (ref or project_root()/"results"/"reference")/"quick_lr_sweep"
@@ -116,12 +116,12 @@ def results_markdown(ref: Path | None = None) -> str:
         "**The models.** Every run of the sweep, each against the Transformer at the same learning rate:",
         models_section(study), provenance_line(study)])
 
-# %% ../nbs/07b_report.ipynb #a2752b78
+# %% ../nbs/07b_report.ipynb #20f1f816
 def readme_text(index: dict) -> str:
     "README.md: the Markdown cells of nbs/index.ipynb"
     return "\n\n".join("".join(c["source"]) for c in index["cells"] if c["cell_type"] == "markdown") + "\n"
 
-# %% ../nbs/07b_report.ipynb #67d1d3aa
+# %% ../nbs/07b_report.ipynb #b0ef850b
 def write_results(root: Path | None = None):
     "Put `results_markdown()` into nbs/index.ipynb and rewrite README.md from it"
     root = root or project_root()
@@ -137,5 +137,5 @@ def write_results(root: Path | None = None):
     atomic_write_bytes(nb_path, (json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode())
     atomic_write_bytes(root/"README.md", readme_text(nb).encode())
 
-# %% ../nbs/07b_report.ipynb #fe702bef
+# %% ../nbs/07b_report.ipynb #d5c5b80e
 if __name__ == "__main__" and not in_ipython(): write_results()  # python -m bk_nbdev.report

@@ -227,7 +227,7 @@ def train_step(run: TrainRun, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
     run.sched.step()
     return loss, parts
 
-# %% ../nbs/05_training.ipynb #6f9543dd
+# %% ../nbs/05_training.ipynb #e4851f35
 def train_epoch(run: TrainRun, progress: bool = True) -> dict:
     "Train one epoch: mean loss and CE, tokens read and back-propagated, FLOPs and seconds of the job"
     cfg, world, B = run.cfg, run.world, run.local_batch
@@ -235,7 +235,8 @@ def train_epoch(run: TrainRun, progress: bool = True) -> dict:
     run.model.train()
     lengths = epoch_lengths(run.step, run.total_steps, cfg.n_seq, run.budget, cfg.curriculum_fraction if cfg.use_curriculum else None)
     s = dict(loss=0.0, ce=0.0, tokens=0, backprop_tokens=0, flops=0, seconds=0.0)
-    bar = tqdm(total=len(lengths), desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=len(lengths), desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="step", disable=not progress,
+               leave=False, mininterval=5)  # a few lines in a saved notebook, not one per step
     t_epoch, pos = time.perf_counter(), 0
     for i, L in enumerate(lengths, 1):
         t0 = time.perf_counter()
@@ -251,7 +252,7 @@ def train_epoch(run: TrainRun, progress: bool = True) -> dict:
         step_loss, step_ce = all_sum([loss.item(), parts["ce"].item()], run.device)  # means over the ranks
         s["loss"] += step_loss / world; s["ce"] += step_ce / world; run.step += 1
         s["tokens"] += n_read * world; s["backprop_tokens"] += x.numel() * world; s["flops"] += step_flops * world
-        bar.update(); bar.set_postfix(loss=f"{s['loss'] / i:.3f}", tok_s=f"{n_read * world / dt:.0f}")
+        bar.set_postfix(loss=f"{s['loss'] / i:.3f}", tok_s=f"{n_read * world / dt:.0f}", refresh=False); bar.update()
     bar.close()
     n = max(len(lengths), 1)
     return {**s, "loss": s["loss"] / n, "ce": s["ce"] / n, "seconds": time.perf_counter() - t_epoch}

@@ -136,7 +136,23 @@ def test_settings_default_section_agrees_with_the_dataclass():
         assert set(cp[name]) <= set(types), (name, set(cp[name]) - set(types))
 
 
-SHOWS = re.compile(r"\bprint(_table)?\(|show=True|plt\.show\(|^show\(|\bdisplay\(", re.M)
+SHOWN_BY = {"print", "print_table", "show", "display"}
+
+
+def _shows(src: str) -> bool:
+    "Whether the cell, outside the functions it defines, prints, displays, or draws with show=True"
+    import ast
+    try: tree = ast.parse(src)
+    except SyntaxError: return False  # IPython magics
+    def visit(node):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)): return False
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+            if name in SHOWN_BY or any(k.arg == "show" and getattr(k.value, "value", None) is True for k in node.keywords):
+                return True
+        return any(visit(c) for c in ast.iter_child_nodes(node))
+    return visit(tree)
 CHURN = re.compile(r"/tmp/|/work/|/home/|/root/|/Users/| at 0x[0-9a-f]+|\d{4}-\d\d-\d\dT\d\d:\d\d")
 
 
@@ -154,7 +170,7 @@ def _text(outputs):
 @pytest.mark.parametrize("nb", sorted((ROOT / "nbs").glob("[0-9]*.ipynb")), ids=lambda p: p.name)
 def test_notebooks_committed_with_outputs(nb):
     "A cell that prints a table or shows a figure carries the output of the default run (`nbdev-test --save`)"
-    empty = [src.splitlines()[0] for src, outs in _code_cells(nb) if SHOWS.search(src) and not outs]
+    empty = [src.splitlines()[0] for src, outs in _code_cells(nb) if _shows(src) and not outs]
     assert not empty, f"{nb.name}: cells without their output: {empty}; run the README's 'Develop' command"
     churn = [m.group(0) for _, outs in _code_cells(nb) if (m := CHURN.search(_text(outs)))]
     assert not churn, f"{nb.name}: outputs hold machine paths, addresses or timestamps: {churn}"
