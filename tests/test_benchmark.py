@@ -63,12 +63,13 @@ def test_cli_validates_before_running(tmp_path, capsys):
     assert "FIELD=VALUE" in capsys.readouterr().err
 
 
-def test_cli_runs_presets_and_compares(tmp_path):
-    main(["smoke", "smoke_transformer", "--output-dir", str(tmp_path), "-p", "epochs=1", "-p", "seed=1"])
-    out = tmp_path / "wikitext2"
+def test_cli_runs_presets_and_compares(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --output-dir is the caller's, although the notebook runs in nbs/
+    main(["smoke", "smoke_transformer", "--output-dir", "runs", "-p", "epochs=1", "-p", "seed=1"])
+    out = tmp_path / "runs" / "wikitext2"
     for name in ("smoke", "smoke_transformer"):
         assert (out / f"{name}_benchmark.ipynb").exists()
         assert json.loads((out / f"{name}_results.json").read_text())["config"]["seed"] == 1
     cmp = json.loads((out / "comparison_smoke_transformer_vs_smoke.json").read_text())
     assert cmp["model1"] == "smoke_transformer" and cmp["perplexity"]["ratio"] > 0
-    assert (out / "training_curves.png").exists()
+    assert (out / "training_curves.png").exists() and (out / "training_flops.png").exists()
