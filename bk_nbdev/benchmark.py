@@ -196,7 +196,7 @@ def benchmark_notebook() -> Path:
                                                "(pip install -e .) or --notebook PATH")
     return p
 
-# %% ../nbs/06_benchmark.ipynb #3a9a83ed
+# %% ../nbs/06_benchmark.ipynb #9f366f33
 def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results", overrides: dict | None = None,
                 notebook: str | Path | None = None, progress: bool = True, nproc: int = 1) -> list[str]:
     "Run each preset through papermill, then compare them; returns the model names"
@@ -209,7 +209,7 @@ def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results"
     nb_dir = os.path.relpath(Path(output_dir).resolve(), nb.parent.resolve())  # the notebook runs in its own folder
     for preset, cfg in zip(presets, configs):
         print(f"== {preset} -> {cfg.model_name}", flush=True)
-        pm.execute_notebook(str(nb), str(bench.output_dir/f"{cfg.model_name}_benchmark.ipynb"),
+        pm.execute_notebook(os.path.relpath(nb), str(bench.output_dir/f"{cfg.model_name}_benchmark.ipynb"),  # recorded as given
                             parameters={"preset": preset, "output_dir": nb_dir, "nproc": nproc, **overrides},
                             cwd=str(nb.parent), progress_bar=progress)
     names = [c.model_name for c in configs]

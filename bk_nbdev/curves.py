@@ -80,7 +80,7 @@ def _draw_run(axes, name: str, results: dict):
         ends = [p for p in val if p.get("tokens_evaluated", full) == full]
         axes[1, col].plot([p[key] for p in ends], [p["perplexity"] for p in ends], "o", color=line.get_color(), label=name)
 
-# %% ../nbs/04d_curves.ipynb #a9e9c557
+# %% ../nbs/04d_curves.ipynb #b8d4c5ce
 def plot_curves(runs: dict[str, dict], path: str | Path, show: bool = False) -> Path:
     "Training CE and validation perplexity of each run against steps, tokens, FLOPs and seconds; saved to `path`"
     import matplotlib.pyplot as plt
@@ -88,8 +88,8 @@ def plot_curves(runs: dict[str, dict], path: str | Path, show: bool = False) -> 
     fig, axes = plt.subplots(2, 4, figsize=(14, 6), dpi=60, sharey="row", squeeze=False)  # shown small; saved at 90 dpi
     for name, r in runs.items(): _draw_run(axes, name, r)
     for col, (_, label) in enumerate(AXES):
-        axes[1, col].set_xlabel(label); axes[1, col].ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
-        for ax in axes[:, col]: ax.grid(alpha=0.3)
+        axes[1, col].set_xlabel(label)
+        for ax in axes[:, col]: ax.grid(alpha=0.3); ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
     axes[0, 0].set_ylabel("training cross-entropy (nats/token)"); axes[1, 0].set_ylabel("validation perplexity")
     axes[1, 0].set_yscale("log"); axes[1, 0].legend(fontsize=8)
     fig.suptitle("lines: training points and validation subset; dots: whole validation split at epoch ends")
