@@ -16,7 +16,8 @@ from fastcore.imports import in_ipython
 
 # %% auto #0
 __all__ = ['project_root', 'md_table', 'sweep_section', 'load_runs', 'models_section', 'chosen_section', 'provenance_line',
-           'budget_line', 'plot_sweep', 'results_markdown', 'readme_text', 'write_results']
+           'presets_section', 'ratio_words', 'claims_section', 'budget_line', 'plot_sweep', 'results_markdown',
+           'readme_text', 'write_results']
 
 # %% ../nbs/07b_report.ipynb #20fc08e3
 def project_root() -> Path:
@@ -41,11 +42,11 @@ def sweep_section(study: Path) -> str:
     note = f"\n\nAt the edge of the grid (the optimum may lie beyond it): {', '.join(edge)}." if edge else ""
     return md_table(["learning rate", *presets], [[f"{lr:g}", *(cell(p, lr) for p in presets)] for lr in lrs]) + note
 
-# %% ../nbs/07b_report.ipynb #921fa712
+# %% ../nbs/07b_report.ipynb #c95cd091
 def load_runs(study: Path) -> list[dict]:
-    "Every results JSON of a study, sorted by model type then learning rate"
+    "Every results JSON of a study, sorted by model type (the Transformer first), learning rate and name"
     runs = [json.loads(p.read_text()) for p in (study/"wikitext2").glob("*_results.json")]
-    return sorted(runs, key=lambda r: (r["config"]["model_type"] != "transformer", r["config"]["lr"]))
+    return sorted(runs, key=lambda r: (r["config"]["model_type"] != "transformer", r["config"]["lr"], r["model_name"]))
 
 # %% ../nbs/07b_report.ipynb #67603c62
 def models_section(study: Path) -> str:
@@ -79,7 +80,40 @@ def provenance_line(study: Path) -> str:
     return (f"Command: `{note['command']}`. Commit {', '.join(commits)}; {m['device_name']} ({m['device']}), "
             f"{m['threads']} threads, torch {m['torch']}, seed {m['seed']}. {note['note']}")
 
-# %% ../nbs/07b_report.ipynb #3b633a5f
+# %% ../nbs/07b_report.ipynb #627bd12d
+def presets_section(study: Path) -> str:
+    "The runs of a study side by side, with what each cost, against the study's Transformer"
+    runs = load_runs(study)
+    ref = next(r for r in runs if r["config"]["model_type"] == "transformer")["test_perplexity"]
+    rows = [[r["model_name"], f"{r['config']['lr']:g}", r["best_perplexity"], r["test_perplexity"],
+             f"{r['test_perplexity'] / ref:.3f}", r["training_time"], f"{r['tokens_per_second']:,.0f}",
+             f"{r['total_flops_per_step'] / 1e9:.2f}", f"{r['total_training_flops'] / 1e12:.1f}", r["peak_memory_mb"],
+             f"{r['model_size_mb']:.2f}"] for r in runs]
+    return md_table(["model", "lr", "val ppl", "test ppl", "test ppl / Transformer", "training s", "tokens/s",
+                     "GFLOPs/step", "training TFLOPs", "peak MB", "size MB"], rows)
+
+# %% ../nbs/07b_report.ipynb #479f98ef
+def ratio_words(x: float, less: str, more: str) -> str:
+    "x as 'x× less' when x >= 1, else as '(1/x)× more' (so that no figure reads '0.49× less')"
+    return f"{x:.2f}× {less}" if x >= 1 else f"{1 / x:.2f}× {more}"
+
+# %% ../nbs/07b_report.ipynb #1d807cd4
+def claims_section(study: Path, full: str, transformer: str) -> str:
+    "The original's claims for model `full` against `transformer`, measured in `study`, and whether each held"
+    runs = {r["model_name"]: r for r in load_runs(study)}
+    f, t = runs[full], runs[transformer]
+    ppl, speed = f["test_perplexity"] / t["test_perplexity"], t["training_time"] / f["training_time"]
+    mem, size = 1 - f["peak_memory_mb"] / t["peak_memory_mb"], t["model_size_mb"] / f["model_size_mb"]
+    rows = [["test perplexity", "within 30% (≤ 1.3×)", f"{ppl:.2f}×", ppl <= 1.3],
+            ["training time", "5–10× less", ratio_words(speed, "less", "more"), speed >= 5],
+            ["peak memory", "30–50% less", f"{mem:.0%} less" if mem >= 0 else f"{-mem:.0%} more", mem >= 0.3],
+            ["size (state dict)", "4–100× smaller", ratio_words(size, "smaller", "larger"), size >= 4]]
+    if "int8_size_mb" in f["flag_measurements"]:
+        int8 = t["model_size_mb"] / f["flag_measurements"]["int8_size_mb"]
+        rows.append(["size (INT8 export)", "4–100× smaller", ratio_words(int8, "smaller", "larger"), int8 >= 4])
+    return md_table(["claim", "promised", "measured", "held"], [[*r[:3], "yes" if r[3] else "no"] for r in rows])
+
+# %% ../nbs/07b_report.ipynb #2e9e6bca
 def budget_line(study: Path) -> str:
     "The training budget and seed of a study's runs, from their config"
     c, seed = load_runs(study)[0]["config"], load_runs(study)[0]["metadata"]["seed"]
@@ -87,7 +121,7 @@ def budget_line(study: Path) -> str:
             f"{c['n_layers']} layers, N {c['n_seq']}, batch {c['batch_size']}); validation and test perplexity over "
             f"every token of their splits; one seed ({seed}).")
 
-# %% ../nbs/07b_report.ipynb #988ecdd4
+# %% ../nbs/07b_report.ipynb #17050f68
 def plot_sweep(study: Path) -> Path:
     "lr_sweep.png of a study: best validation perplexity against learning rate per preset"
     import matplotlib; matplotlib.use("Agg")
@@ -103,25 +137,32 @@ def plot_sweep(study: Path) -> Path:
     fig.savefig(out, dpi=100); plt.close(fig)
     return out
 
-# %% ../nbs/07b_report.ipynb #52fcdf8f
+# %% ../nbs/07b_report.ipynb #369b9bc4
 def results_markdown(ref: Path | None = None) -> str:
     "The README's Results section, from the reference results under `ref` (default: results/reference)"
-    study = (ref or project_root()/"results"/"reference")/"quick_lr_sweep"
+    ref = ref or project_root()/"results"/"reference"
+    study, quick, names = ref/"quick_lr_sweep", ref/"quick", [load_preset(p).model_name for p in ("full_quick", "transformer_quick")]
+    figs = "results/reference/quick/wikitext2"
     return "\n\n".join([
-        "## Results", budget_line(study),
+        "## Results", "**The answer at the quick budget.** " + budget_line(quick), presets_section(quick),
+        f"![training curves against steps, tokens, FLOPs and seconds]({figs}/training_curves.png)",
+        f"![total training FLOPs]({figs}/training_flops.png)",
+        "**The original's claims** for the full model, against the Transformer (the full model's optimizations are "
+        "being reworked so that each is measured on the axis of its own claim):", claims_section(quick, *names),
+        provenance_line(quick),
         "**Learning rate.** The original benchmark trains every model at 1e-3. Validation perplexity of each quick "
-        "preset at each learning rate of the sweep (07a), the lowest in bold:", sweep_section(study),
+        "preset at each learning rate of the sweep (07a; same budget), the lowest in bold:", sweep_section(study),
         "![validation perplexity against learning rate](results/reference/quick_lr_sweep/lr_sweep.png)",
-        "**The answer at this budget.** Each preset at its chosen learning rate:", chosen_section(study),
+        "Each preset at its chosen learning rate (the presets above use these):", chosen_section(study),
         "**The models.** Every run of the sweep, each against the Transformer at the same learning rate:",
         models_section(study), provenance_line(study)])
 
-# %% ../nbs/07b_report.ipynb #20f1f816
+# %% ../nbs/07b_report.ipynb #de4f7d1b
 def readme_text(index: dict) -> str:
     "README.md: the Markdown cells of nbs/index.ipynb"
     return "\n\n".join("".join(c["source"]) for c in index["cells"] if c["cell_type"] == "markdown") + "\n"
 
-# %% ../nbs/07b_report.ipynb #b0ef850b
+# %% ../nbs/07b_report.ipynb #bcca7947
 def write_results(root: Path | None = None):
     "Put `results_markdown()` into nbs/index.ipynb and rewrite README.md from it"
     root = root or project_root()
@@ -137,5 +178,5 @@ def write_results(root: Path | None = None):
     atomic_write_bytes(nb_path, (json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode())
     atomic_write_bytes(root/"README.md", readme_text(nb).encode())
 
-# %% ../nbs/07b_report.ipynb #d5c5b80e
+# %% ../nbs/07b_report.ipynb #569cb93f
 if __name__ == "__main__" and not in_ipython(): write_results()  # python -m bk_nbdev.report
