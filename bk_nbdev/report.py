@@ -15,9 +15,9 @@ from .runtime import atomic_write_bytes
 from fastcore.imports import in_ipython
 
 # %% auto #0
-__all__ = ['project_root', 'md_table', 'sweep_section', 'load_runs', 'models_section', 'chosen_section', 'provenance_line',
-           'presets_section', 'ratio_words', 'claims_section', 'budget_line', 'plot_sweep', 'results_markdown',
-           'readme_text', 'write_results']
+__all__ = ['project_root', 'md_table', 'sweep_section', 'load_runs', 'models_section', 'transformer_of', 'chosen_section',
+           'provenance_line', 'presets_section', 'ratio_words', 'claims_section', 'budget_line', 'plot_sweep',
+           'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/07b_report.ipynb #20fc08e3
 def project_root() -> Path:
@@ -60,18 +60,25 @@ def models_section(study: Path) -> str:
     return md_table(["model", "lr", "val ppl", "test ppl", "test ppl / Transformer", "parameters", "GFLOPs/step",
                      "peak MB", "size MB"], rows)
 
-# %% ../nbs/07b_report.ipynb #a1f96b60
+# %% ../nbs/07b_report.ipynb #69d43797
+def transformer_of(runs: list[dict]) -> dict:
+    "The Transformer run among `runs`, the reference every ratio is taken against"
+    ts = [r for r in runs if r["config"]["model_type"] == "transformer"]
+    if not ts: raise ValueError(f"no Transformer run among {[r['model_name'] for r in runs]}: ratios need one")
+    return ts[0]
+
+# %% ../nbs/07b_report.ipynb #8d2fe38f
 def chosen_section(study: Path) -> str:
     "Each preset at its chosen learning rate: validation and test perplexity, test ratio to the Transformer's"
     choice = json.loads((study/"lr_choice.json").read_text())
     runs = {r["model_name"]: r for r in load_runs(study)}
     picked = {p: runs[f"{load_preset(p).model_name}_lr{c['lr']:g}"] for p, c in choice.items()}
-    ref = next(r for r in picked.values() if r["config"]["model_type"] == "transformer")["test_perplexity"]
+    ref = transformer_of(list(picked.values()))["test_perplexity"]
     rows = [[p, f"{r['config']['lr']:g}", r["best_perplexity"], r["test_perplexity"], f"{r['test_perplexity'] / ref:.3f}"]
             for p, r in picked.items()]
     return md_table(["preset", "chosen lr", "val ppl", "test ppl", "test ppl / Transformer"], rows)
 
-# %% ../nbs/07b_report.ipynb #3cc17c9d
+# %% ../nbs/07b_report.ipynb #154419af
 def provenance_line(study: Path) -> str:
     "Commit(s), machine, threads and torch version of a study's runs, and its own note"
     runs, note = load_runs(study), json.loads((study/"provenance.json").read_text())
@@ -80,11 +87,11 @@ def provenance_line(study: Path) -> str:
     return (f"Command: `{note['command']}`. Commit {', '.join(commits)}; {m['device_name']} ({m['device']}), "
             f"{m['threads']} threads, torch {m['torch']}, seed {m['seed']}. {note['note']}")
 
-# %% ../nbs/07b_report.ipynb #627bd12d
+# %% ../nbs/07b_report.ipynb #826d8709
 def presets_section(study: Path) -> str:
     "The runs of a study side by side, with what each cost, against the study's Transformer"
     runs = load_runs(study)
-    ref = next(r for r in runs if r["config"]["model_type"] == "transformer")["test_perplexity"]
+    ref = transformer_of(runs)["test_perplexity"]
     rows = [[r["model_name"], f"{r['config']['lr']:g}", r["best_perplexity"], r["test_perplexity"],
              f"{r['test_perplexity'] / ref:.3f}", r["training_time"], f"{r['tokens_per_second']:,.0f}",
              f"{r['total_flops_per_step'] / 1e9:.2f}", f"{r['total_training_flops'] / 1e12:.1f}", r["peak_memory_mb"],
@@ -92,12 +99,12 @@ def presets_section(study: Path) -> str:
     return md_table(["model", "lr", "val ppl", "test ppl", "test ppl / Transformer", "training s", "tokens/s",
                      "GFLOPs/step", "training TFLOPs", "peak MB", "size MB"], rows)
 
-# %% ../nbs/07b_report.ipynb #479f98ef
+# %% ../nbs/07b_report.ipynb #90d32249
 def ratio_words(x: float, less: str, more: str) -> str:
     "x as 'x× less' when x >= 1, else as '(1/x)× more' (so that no figure reads '0.49× less')"
     return f"{x:.2f}× {less}" if x >= 1 else f"{1 / x:.2f}× {more}"
 
-# %% ../nbs/07b_report.ipynb #1d807cd4
+# %% ../nbs/07b_report.ipynb #ff45c8e9
 def claims_section(study: Path, full: str, transformer: str) -> str:
     "The original's claims for model `full` against `transformer`, measured in `study`, and whether each held"
     runs = {r["model_name"]: r for r in load_runs(study)}
@@ -113,15 +120,16 @@ def claims_section(study: Path, full: str, transformer: str) -> str:
         rows.append(["size (INT8 export)", "4–100× smaller", ratio_words(int8, "smaller", "larger"), int8 >= 4])
     return md_table(["claim", "promised", "measured", "held"], [[*r[:3], "yes" if r[3] else "no"] for r in rows])
 
-# %% ../nbs/07b_report.ipynb #2e9e6bca
+# %% ../nbs/07b_report.ipynb #217f1aea
 def budget_line(study: Path) -> str:
     "The training budget and seed of a study's runs, from their config"
-    c, seed = load_runs(study)[0]["config"], load_runs(study)[0]["metadata"]["seed"]
+    first = load_runs(study)[0]
+    c, seed = first["config"], first["metadata"]["seed"]
     return (f"Real WikiText-2, {c['epochs']} epochs of {c['max_train_tokens']:,} training tokens (d_model {c['d_model']}, "
             f"{c['n_layers']} layers, N {c['n_seq']}, batch {c['batch_size']}); validation and test perplexity over "
             f"every token of their splits; one seed ({seed}).")
 
-# %% ../nbs/07b_report.ipynb #17050f68
+# %% ../nbs/07b_report.ipynb #f8536d61
 def plot_sweep(study: Path) -> Path:
     "lr_sweep.png of a study: best validation perplexity against learning rate per preset"
     import matplotlib; matplotlib.use("Agg")
@@ -137,7 +145,7 @@ def plot_sweep(study: Path) -> Path:
     fig.savefig(out, dpi=100); plt.close(fig)
     return out
 
-# %% ../nbs/07b_report.ipynb #369b9bc4
+# %% ../nbs/07b_report.ipynb #e4aac89d
 def results_markdown(ref: Path | None = None) -> str:
     "The README's Results section, from the reference results under `ref` (default: results/reference)"
     ref = ref or project_root()/"results"/"reference"
@@ -157,12 +165,12 @@ def results_markdown(ref: Path | None = None) -> str:
         "**The models.** Every run of the sweep, each against the Transformer at the same learning rate:",
         models_section(study), provenance_line(study)])
 
-# %% ../nbs/07b_report.ipynb #de4f7d1b
+# %% ../nbs/07b_report.ipynb #72ac8312
 def readme_text(index: dict) -> str:
     "README.md: the Markdown cells of nbs/index.ipynb"
     return "\n\n".join("".join(c["source"]) for c in index["cells"] if c["cell_type"] == "markdown") + "\n"
 
-# %% ../nbs/07b_report.ipynb #bcca7947
+# %% ../nbs/07b_report.ipynb #a0bdfd8b
 def write_results(root: Path | None = None):
     "Put `results_markdown()` into nbs/index.ipynb and rewrite README.md from it"
     root = root or project_root()
@@ -178,5 +186,5 @@ def write_results(root: Path | None = None):
     atomic_write_bytes(nb_path, (json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode())
     atomic_write_bytes(root/"README.md", readme_text(nb).encode())
 
-# %% ../nbs/07b_report.ipynb #569cb93f
+# %% ../nbs/07b_report.ipynb #10a8955f
 if __name__ == "__main__" and not in_ipython(): write_results()  # python -m bk_nbdev.report
