@@ -56,7 +56,7 @@ class BenchmarkResults:
     epoch_flops: list
     train_curve: list             # training points: position (step, tokens, FLOPs, seconds), mean loss and CE, lr (04d)
     val_curve: list               # validation points: position, perplexity, tokens evaluated (04d)
-    flag_measurements: dict       # per-flag numbers (pruned fraction, int8 size and perplexity, ...)
+    flag_measurements: dict       # per-flag numbers (pruned fraction, artifact size and perplexity, ...)
     model_stats: dict             # the model's own statistics on the validation split
     flops_breakdown: dict
     config: dict

@@ -104,7 +104,7 @@ def ratio_words(x: float, less: str, more: str) -> str:
     "x as 'x× less' when x >= 1, else as '(1/x)× more' (so that no figure reads '0.49× less')"
     return f"{x:.2f}× {less}" if x >= 1 else f"{1 / x:.2f}× {more}"
 
-# %% ../nbs/07b_report.ipynb #ff45c8e9
+# %% ../nbs/07b_report.ipynb #5a7cfabe
 def claims_section(study: Path, full: str, transformer: str) -> str:
     "The original's claims for model `full` against `transformer`, measured in `study`, and whether each held"
     runs = {r["model_name"]: r for r in load_runs(study)}
@@ -115,9 +115,10 @@ def claims_section(study: Path, full: str, transformer: str) -> str:
             ["training time", "5–10× less", ratio_words(speed, "less", "more"), speed >= 5],
             ["peak memory", "30–50% less", f"{mem:.0%} less" if mem >= 0 else f"{-mem:.0%} more", mem >= 0.3],
             ["size (state dict)", "4–100× smaller", ratio_words(size, "smaller", "larger"), size >= 4]]
-    if "int8_size_mb" in f["flag_measurements"]:
-        int8 = t["model_size_mb"] / f["flag_measurements"]["int8_size_mb"]
-        rows.append(["size (INT8 export)", "4–100× smaller", ratio_words(int8, "smaller", "larger"), int8 >= 4])
+    if "artifact_size_mb" in (fm := f["flag_measurements"]):
+        art = t["model_size_mb"] / fm["artifact_size_mb"]
+        rows.append([f"size (INT{f['config']['quant_bits']} artifact)", "4–100× smaller", ratio_words(art, "smaller", "larger")
+                     + f" (test ppl {fm['artifact_test_perplexity']:,.1f} after loading)", art >= 4])
     return md_table(["claim", "promised", "measured", "held"], [[*r[:3], "yes" if r[3] else "no"] for r in rows])
 
 # %% ../nbs/07b_report.ipynb #217f1aea

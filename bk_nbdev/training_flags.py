@@ -14,7 +14,7 @@ import torch.nn as nn
 from .head import bf16_is_fast
 
 # %% auto #0
-__all__ = ['autocast_dtype', 'precision', 'autocast', 'curriculum_length', 'epoch_lengths', 'select_hardest']
+__all__ = ['autocast_dtype', 'precision', 'autocast', 'curriculum_length', 'epoch_lengths', 'select_hardest', 'select_random']
 
 # %% ../nbs/04b_training_flags.ipynb #0e476210
 def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
@@ -64,4 +64,10 @@ def select_hardest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, keep: int
         nll = model(x, y).float()
     idx = nll.mean(1).topk(keep).indices
     model.train()
+    return x[idx], y[idx]
+
+# %% ../nbs/04b_training_flags.ipynb #acb6500b
+def select_random(x: torch.Tensor, y: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "`keep` sequences of (x, y) drawn at random without replacement (the control of `select_hardest`)"
+    idx = torch.randperm(x.shape[0], device=x.device)[:keep]
     return x[idx], y[idx]
