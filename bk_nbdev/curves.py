@@ -14,7 +14,7 @@ import torch
 
 # %% auto #0
 __all__ = ['POSITION', 'AXES', 'eval_steps', 'validation_subset', 'LossWindow', 'add_point', 'open_tensorboard', 'curves_of',
-           'subset_points', 'reach', 'plot_curves', 'plot_training_flops']
+           'subset_points', 'final_subset_perplexity', 'reach', 'plot_curves', 'plot_training_flops']
 
 # %% ../nbs/04d_curves.ipynb #7a887232
 def eval_steps(n_steps: int, evals_per_epoch: int) -> set[int]:
@@ -74,7 +74,12 @@ def subset_points(val_curve: list) -> list:
     n = min((p.get("tokens_evaluated", 0) for p in val_curve), default=None)
     return [p for p in val_curve if p.get("tokens_evaluated", 0) == n]
 
-# %% ../nbs/04d_curves.ipynb #7302c46d
+# %% ../nbs/04d_curves.ipynb #4a3fcbde
+def final_subset_perplexity(results: dict) -> float:
+    "The perplexity of the last validation-subset point of a results dict"
+    return subset_points(results["val_curve"])[-1]["perplexity"]
+
+# %% ../nbs/04d_curves.ipynb #ad96ea0a
 def reach(curve: list, target: float, key: str = "perplexity") -> dict | None:
     "Position (step, tokens, FLOPs, seconds) where `curve` first gets to `target` or below; None if it never does"
     prev = None
@@ -86,7 +91,7 @@ def reach(curve: list, target: float, key: str = "perplexity") -> dict | None:
         prev = p
     return None
 
-# %% ../nbs/04d_curves.ipynb #076ef02a
+# %% ../nbs/04d_curves.ipynb #56326e63
 AXES = [("step", "steps"), ("tokens", "training tokens"), ("flops", "training FLOPs"), ("seconds", "training seconds")]
 
 def _draw_run(axes, name: str, results: dict):
@@ -99,7 +104,7 @@ def _draw_run(axes, name: str, results: dict):
         if sub: axes[1, col].plot([p[key] for p in sub], [p["perplexity"] for p in sub], color=line.get_color(), alpha=0.7)
         axes[1, col].plot([p[key] for p in ends], [p["perplexity"] for p in ends], "o", color=line.get_color(), label=name)
 
-# %% ../nbs/04d_curves.ipynb #2fd4f121
+# %% ../nbs/04d_curves.ipynb #4e850361
 def plot_curves(runs: dict[str, dict], path: str | Path, show: bool = False) -> Path:
     "Training CE and validation perplexity of each run against steps, tokens, FLOPs and seconds; saved to `path`"
     import matplotlib.pyplot as plt
@@ -116,7 +121,7 @@ def plot_curves(runs: dict[str, dict], path: str | Path, show: bool = False) -> 
     plt.show() if show else plt.close(fig)
     return Path(path)
 
-# %% ../nbs/04d_curves.ipynb #567d96f5
+# %% ../nbs/04d_curves.ipynb #57898fb1
 def plot_training_flops(runs: dict[str, dict], path: str | Path, show: bool = False) -> Path:
     "Bar chart of each run's total training FLOPs; saved to `path`"
     import matplotlib.pyplot as plt
