@@ -26,7 +26,7 @@ from fastcore.basics import patch
 __all__ = ['BenchmarkResults', 'run_metadata', 'results_of', 'WikiText2Benchmark', 'worker_main', 'launch_distributed',
            'benchmark_notebook', 'run_presets', 'main']
 
-# %% ../nbs/06_benchmark.ipynb #206b6898
+# %% ../nbs/06_benchmark.ipynb #3ade9f26
 @dataclass
 class BenchmarkResults:
     "Measured results of one benchmark run"
@@ -188,7 +188,7 @@ def launch_distributed(preset: str, nproc: int, output_dir: str | Path, override
 
 if __name__ == "__main__" and not in_ipython(): worker_main()
 
-# %% ../nbs/06_benchmark.ipynb #0dce9178
+# %% ../nbs/06_benchmark.ipynb #fb3e4f67
 def benchmark_notebook() -> Path:
     "nbs/06_benchmark.ipynb of the checkout the package was installed from"
     p = Path(bk_nbdev.__file__).resolve().parents[1]/"nbs"/"06_benchmark.ipynb"
@@ -196,7 +196,7 @@ def benchmark_notebook() -> Path:
                                                "(pip install -e .) or --notebook PATH")
     return p
 
-# %% ../nbs/06_benchmark.ipynb #9f366f33
+# %% ../nbs/06_benchmark.ipynb #41f80010
 def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results", overrides: dict | None = None,
                 notebook: str | Path | None = None, progress: bool = True, nproc: int = 1) -> list[str]:
     "Run each preset through papermill, then compare them; returns the model names"
@@ -221,7 +221,7 @@ def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results"
     print("curves:", bench.plot_training_curves(names))
     return names
 
-# %% ../nbs/06_benchmark.ipynb #f7be5a54
+# %% ../nbs/06_benchmark.ipynb #37623d29
 def main(argv: list[str] | None = None):
     "Command line: bk-benchmark PRESET [PRESET ...] [--output-dir DIR] [-p FIELD=VALUE ...]"
     import argparse

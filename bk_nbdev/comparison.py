@@ -17,7 +17,7 @@ from .runtime import atomic_write_bytes, in_fresh_process
 from .training import OBSERVE_FIELDS
 
 # %% auto #0
-__all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'DEFAULTS', 'load_all_results', 'write_table', 'print_table', 'role',
+__all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'NOTES', 'DEFAULTS', 'load_all_results', 'write_table', 'print_table', 'role',
            'model_table', 'bar_charts', 'standard_pairs', 'ablation_configs', 'run_in_fresh_process', 'same_run',
            'run_or_reuse', 'run_ablation', 'time_to_quality', 'ablation_table']
 
@@ -111,23 +111,26 @@ def standard_pairs(results: dict[str, dict]) -> list[tuple[str, str]]:
     want = [("full", "transformer"), ("baseline", "transformer"), ("full", "baseline")]
     return [(by_role[a], by_role[b]) for a, b in want if a in by_role and b in by_role]
 
-# %% ../nbs/07_comparison.ipynb #5fff73d9
+# %% ../nbs/07_comparison.ipynb #10c829da
 CLAIMS = {  # what the original documentation claimed; "" where it stated no figure
     "use_analytic_gradient": "", "use_koopman": "100x lower gradient cost", "use_physics_informed": "10x fewer steps",
     "use_quantization": "", "use_pruning": "", "use_mixed_precision": "", "use_act": "30% fewer layers",
     "use_multi_scale": "2x on middle layers", "use_sparse_bk": "1.8x at 50% sparsity", "use_early_exit": "(inference)",
-    "use_curriculum": "", "use_active_learning": "", "all flags": "", "random half": "(control of active learning)",
+    "use_curriculum": "", "use_active_learning": "50% less data", "all flags": "", "random half": "(control of active learning)",
 }
 OWN_MEASURE = {  # the flag's own measurements: where they live in the results
     "use_physics_informed": [("model_stats", "energy_drift")],
     "use_act": [("model_stats", "executed_depth"), ("flag_measurements", "trained_flops_without_head")],
     "use_sparse_bk": [("model_stats", "bk_sparsity")],
-    "use_early_exit": [("flag_measurements", "early_exit_test_perplexity")],
+    "use_early_exit": [("flag_measurements", k) for k in ("early_exit_test_perplexity", "early_exit_mean_layer",
+                                                          "early_exit_speedup", "early_exit_flops_ratio")],
     "use_quantization": [("flag_measurements", "artifact_size_mb"), ("flag_measurements", "artifact_test_perplexity")],
     "use_pruning": [("flag_measurements", "pruned_fraction")],
-    "use_active_learning": [("flag_measurements", "backprop_fraction")],
+    "use_active_learning": [("flag_measurements", "distinct_fraction")],
+    "random half": [("flag_measurements", "distinct_fraction")],
     "use_curriculum": [("flag_measurements", "tokens_read")],
 }
+NOTES = {"use_sparse_bk": "no compute saved by design (a regularizer, 04)"}  # what a row's figures cannot say
 
 # %% ../nbs/07_comparison.ipynb #fdca692c
 def ablation_configs(base: str = "baseline", **overrides) -> dict[str, BenchmarkConfig]:
@@ -185,13 +188,14 @@ def time_to_quality(r: dict, base: dict, tolerance: float = 0.01) -> dict:
     mine, theirs = (reach(subset_points(x["val_curve"]), target) for x in (r, base))
     return {f"{k}_to_base_ppl": "not reached" if mine is None else mine[k] / theirs[k] for k in POSITION}
 
-# %% ../nbs/07_comparison.ipynb #7e5b3218
+# %% ../nbs/07_comparison.ipynb #30c54376
 def ablation_table(runs: dict[str, dict]) -> list[dict]:
     base, rows = runs["base"], []
     step_time = lambda r: r["training_time"] / r["steps"]
     for label, r in runs.items():
         if label == "base": continue
         own = [(key, r[src].get(key)) for src, key in OWN_MEASURE.get(label, [])]
+        note = [NOTES[label]] if label in NOTES else []
         rows.append({"flag": label, "claimed": CLAIMS[label] or "(no figure given)",
                      "test_ppl": r["test_perplexity"], "d_test_ppl": _change(r["test_perplexity"], base["test_perplexity"]),
                      "d_time_per_step": _change(step_time(r), step_time(base)),
@@ -201,5 +205,5 @@ def ablation_table(runs: dict[str, dict]) -> list[dict]:
                      "d_peak_mem": _change(r["peak_memory_mb"], base["peak_memory_mb"]),
                      "d_size": _change(r["model_size_mb"], base["model_size_mb"]),
                      **time_to_quality(r, base),
-                     "own_measure": "; ".join(f"{k}={v:.4g}" for k, v in own if isinstance(v, (int, float))) or "-"})
+                     "own_measure": "; ".join(note + [f"{k}={v:.4g}" for k, v in own if isinstance(v, (int, float))]) or "-"})
     return rows

@@ -1,4 +1,4 @@
-"""Three of the five training-side optimizations change how a step runs: mixed precision (the precision of the forward pass), curriculum (the length of each step), active learning (which sequences a step trains on). Here each is a function with a demo; the training loop (05) calls them.
+"""Three of the five training-side optimizations change how a step runs: mixed precision (the precision of the forward pass), curriculum (the length of each step), active learning (which windows of the data an epoch trains on). Here each is a function with a demo; the training loop (05) calls them.
 
 Docs: https://bk-nbdev.github.io/bk_nbdev/training_flags.html.md"""
 
@@ -14,7 +14,8 @@ import torch.nn as nn
 from .head import bf16_is_fast
 
 # %% auto #0
-__all__ = ['autocast_dtype', 'precision', 'autocast', 'curriculum_length', 'epoch_lengths', 'select_hardest', 'select_random']
+__all__ = ['autocast_dtype', 'precision', 'autocast', 'curriculum_length', 'epoch_lengths', 'window_losses', 'keep_windows',
+           'window_batch']
 
 # %% ../nbs/04b_training_flags.ipynb #0e476210
 def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
@@ -56,18 +57,26 @@ def epoch_lengths(step: int, total_steps: int, n_seq: int, budget: int, curricul
         if pos + L > budget: return lengths
         lengths.append(L); pos += L
 
-# %% ../nbs/04b_training_flags.ipynb #83f3ad63
-def select_hardest(model: nn.Module, x: torch.Tensor, y: torch.Tensor, keep: int, amp_dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
-    "The `keep` sequences of (x, y) with the highest mean loss under `model` (scored in eval mode, without gradients)"
+# %% ../nbs/04b_training_flags.ipynb #d93e82bf
+def window_losses(model: nn.Module, data: torch.Tensor, n_seq: int, amp_dtype=None) -> torch.Tensor:
+    "Mean loss (R, W) of each n_seq-token window of streams `data` (R, W·n_seq + 1) under `model` (eval, no gradients)"
+    W = (data.shape[1] - 1) // n_seq
     model.eval()
-    with torch.no_grad(), autocast(x.device, amp_dtype):
-        nll = model(x, y).float()
-    idx = nll.mean(1).topk(keep).indices
+    with torch.no_grad(), autocast(data.device, amp_dtype):
+        out = [model(data[:, w * n_seq : (w + 1) * n_seq], data[:, w * n_seq + 1 : (w + 1) * n_seq + 1]).float().mean(1)
+               for w in range(W)]
     model.train()
-    return x[idx], y[idx]
+    return torch.stack(out, 1)
 
-# %% ../nbs/04b_training_flags.ipynb #acb6500b
-def select_random(x: torch.Tensor, y: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    "`keep` sequences of (x, y) drawn at random without replacement (the control of `select_hardest`)"
-    idx = torch.randperm(x.shape[0], device=x.device)[:keep]
-    return x[idx], y[idx]
+# %% ../nbs/04b_training_flags.ipynb #5a00e924
+def keep_windows(n: int, keep: int, losses: torch.Tensor | None = None) -> torch.Tensor:
+    "Numbers of the `keep` of `n` windows to train on: those of highest `losses` (R, W), or a random draw without them"
+    return torch.randperm(n)[:keep] if losses is None else losses.flatten().topk(keep).indices.cpu()
+
+# %% ../nbs/04b_training_flags.ipynb #af0b2631
+def window_batch(data: torch.Tensor, idx: torch.Tensor, n_seq: int, W: int, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    "Inputs and targets (len(idx), L): the first L tokens of windows `idx` of streams `data` (W windows per row)"
+    idx = idx.to(data.device)
+    cols = (idx % W)[:, None] * n_seq + torch.arange(L + 1, device=data.device)
+    seq = data[(idx // W)[:, None], cols]
+    return seq[:, :-1], seq[:, 1:]
