@@ -17,9 +17,9 @@ from .runtime import atomic_write_bytes, in_fresh_process
 from .training import OBSERVE_FIELDS
 
 # %% auto #0
-__all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'NOTES', 'DEFAULTS', 'load_all_results', 'write_table', 'print_table', 'role',
-           'model_table', 'bar_charts', 'standard_pairs', 'ablation_configs', 'run_in_fresh_process', 'same_run',
-           'run_or_reuse', 'run_ablation', 'time_to_quality', 'ablation_table']
+__all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'NOTES', 'VARIANTS', 'DEFAULTS', 'load_all_results', 'write_table', 'print_table',
+           'role', 'model_table', 'bar_charts', 'standard_pairs', 'ablation_configs', 'run_in_fresh_process',
+           'same_run', 'run_or_reuse', 'run_ablation', 'time_to_quality', 'ablation_table']
 
 # %% ../nbs/07_comparison.ipynb #bdac0e23
 REQUIRED = [f.name for f in fields(BenchmarkResults)]
@@ -111,12 +111,13 @@ def standard_pairs(results: dict[str, dict]) -> list[tuple[str, str]]:
     want = [("full", "transformer"), ("baseline", "transformer"), ("full", "baseline")]
     return [(by_role[a], by_role[b]) for a, b in want if a in by_role and b in by_role]
 
-# %% ../nbs/07_comparison.ipynb #10c829da
+# %% ../nbs/07_comparison.ipynb #d47511cc
 CLAIMS = {  # what the original documentation claimed; "" where it stated no figure
     "use_analytic_gradient": "", "use_koopman": "100x lower gradient cost", "use_physics_informed": "10x fewer steps",
     "use_quantization": "", "use_pruning": "", "use_mixed_precision": "", "use_act": "30% fewer layers",
     "use_multi_scale": "2x on middle layers", "use_sparse_bk": "1.8x at 50% sparsity", "use_early_exit": "(inference)",
     "use_curriculum": "", "use_active_learning": "50% less data", "all flags": "", "random half": "(control of active learning)",
+    "int4 quantization": "(quantization's INT4 variant)",
 }
 OWN_MEASURE = {  # the flag's own measurements: where they live in the results
     "use_physics_informed": [("model_stats", "energy_drift")],
@@ -128,20 +129,25 @@ OWN_MEASURE = {  # the flag's own measurements: where they live in the results
     "use_pruning": [("flag_measurements", "pruned_fraction")],
     "use_active_learning": [("flag_measurements", "distinct_fraction")],
     "random half": [("flag_measurements", "distinct_fraction")],
+    "int4 quantization": [("flag_measurements", "artifact_size_mb"), ("flag_measurements", "artifact_test_perplexity")],
     "use_curriculum": [("flag_measurements", "tokens_read")],
 }
 NOTES = {"use_sparse_bk": "no compute saved by design (a regularizer, 04)"}  # what a row's figures cannot say
+VARIANTS = {  # rows that are not one flag alone: label -> (the fields they set, model-name suffix)
+    "random half": ({"use_active_learning": True, "active_selection": "random"}, "random_half"),
+    "int4 quantization": ({"use_quantization": True, "quant_bits": 4}, "quantization_int4"),
+}
 
-# %% ../nbs/07_comparison.ipynb #fdca692c
+# %% ../nbs/07_comparison.ipynb #01d2f928
 def ablation_configs(base: str = "baseline", **overrides) -> dict[str, BenchmarkConfig]:
-    "Row label -> config: the base, each flag alone, all flags, and active learning's control (a random half)"
+    "Row label -> config: the base, each flag alone, all flags, and the `VARIANTS` (active learning's control, INT4)"
     b = load_preset(base, **overrides)
     rows = {"base": b}
     for f in FLAGS:
         rows[f] = BenchmarkConfig(**{**asdict(b), f: True, "model_name": f"{b.model_name}+{f[4:]}"})
     rows["all flags"] = BenchmarkConfig(**{**asdict(b), **{f: True for f in FLAGS}, "model_name": f"{b.model_name}+all"})
-    rows["random half"] = BenchmarkConfig(**{**asdict(b), "use_active_learning": True, "active_selection": "random",
-                                              "model_name": f"{b.model_name}+random_half"})
+    for label, (changes, suffix) in VARIANTS.items():
+        rows[label] = BenchmarkConfig(**{**asdict(b), **changes, "model_name": f"{b.model_name}+{suffix}"})
     return rows
 
 # %% ../nbs/07_comparison.ipynb #f2fd1ea0
