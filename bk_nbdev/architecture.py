@@ -56,7 +56,7 @@ class ConfigurableResNetBKConfig(ResNetBKConfig):
 
     def flags(self) -> dict[str, bool]: return {f: getattr(self, f) for f in ARCH_FLAGS}
 
-# %% ../nbs/04_architecture.ipynb #db178d3a
+# %% ../nbs/04_architecture.ipynb #73cb2c77
 class Extension(nn.Module):
     "A flag's mechanism, called by `ConfigurableResNetBK` at fixed points of its forward pass; every hook a no-op"
     def __init__(self, cfg: ConfigurableResNetBKConfig):
@@ -70,6 +70,7 @@ class Extension(nn.Module):
     def after_layer(self, l: int, x: Tensor, x_new: Tensor) -> Tensor: return x_new
     def finish(self, x: Tensor, aux: dict, stats: dict) -> Tensor: return x
     def head_loss(self, model: nn.Module, targets: Tensor, nll: Tensor) -> Tensor | None: return None
+    def probes(self) -> list[nn.Parameter]: return []
 
 # %% ../nbs/04_architecture.ipynb #74cf6403
 EXTENSIONS: dict[str, type[Extension]] = {}  # flag -> the extension it turns on
@@ -137,7 +138,15 @@ def loss(self: ConfigurableResNetBK, tokens: Tensor, targets: Tensor):
         if extra is not None: parts[name] = extra
     return sum(parts.values()), parts
 
-# %% ../nbs/04_architecture.ipynb #2ffef699
+# %% ../nbs/04_architecture.ipynb #87f22411
+@patch
+def clip_groups(self: ConfigurableResNetBK) -> list[list[nn.Parameter]]:
+    "Parameter groups whose gradient norms are clipped separately: the model's, then its extensions' probes (if any)"
+    probes = {id(p) for e in self.ext.values() for p in e.probes()}
+    groups = [[p for p in self.parameters() if id(p) not in probes], [p for p in self.parameters() if id(p) in probes]]
+    return [g for g in groups if g]
+
+# %% ../nbs/04_architecture.ipynb #313ce272
 def causal_linear_recurrence(u: Tensor, lam: Tensor, chunk: int = 32) -> Tensor:
     "s_t = lam * s_{t-1} + u_t along dim 1 of u (B, N, K), with s_{-1} = 0 and lam (K,) in (0, 1)"
     B, N, K = u.shape
@@ -155,7 +164,7 @@ def causal_linear_recurrence(u: Tensor, lam: Tensor, chunk: int = 32) -> Tensor:
         out.append(o); state = o[:, -1]
     return torch.cat(out, 1)[:, :N]
 
-# %% ../nbs/04_architecture.ipynb #cc6a0cc8
+# %% ../nbs/04_architecture.ipynb #bfadd2ae
 class KoopmanLayer(nn.Module):
     "Lift (phi) -> diagonal linear recurrence along the sequence (K) -> map back (psi); with a consistency loss"
     def __init__(self, d: int, k: int):
@@ -170,7 +179,7 @@ class KoopmanLayer(nn.Module):
         consistency = (u[:, 1:] - lam * u[:, :-1]).pow(2).mean() if u.shape[1] > 1 else u.sum() * 0
         return self.psi(causal_linear_recurrence(u, lam)), consistency
 
-# %% ../nbs/04_architecture.ipynb #b253e597
+# %% ../nbs/04_architecture.ipynb #841bef6c
 @extends("use_koopman")
 class Koopman(Extension):
     "A Koopman branch in every layer, with the mean consistency loss"
@@ -186,7 +195,7 @@ class Koopman(Extension):
         aux["koopman"] = self.cfg.koopman_weight * self.loss_sum / self.cfg.n_layers
         return x
 
-# %% ../nbs/04_architecture.ipynb #92354329
+# %% ../nbs/04_architecture.ipynb #46ed6753
 class Energy(nn.Module):
     "Learned per-token energy: kinetic 1/2 sum m_j x_j^2 (m >= 0.1) plus an MLP potential"
     def __init__(self, d: int, hidden: int = 32):
@@ -198,7 +207,7 @@ class Energy(nn.Module):
         mass = F.softplus(self.mass_raw) + 0.1
         return 0.5 * (mass * x * x).sum(-1) + self.potential(x).squeeze(-1)
 
-# %% ../nbs/04_architecture.ipynb #6291e881
+# %% ../nbs/04_architecture.ipynb #0c1d148e
 @extends("use_physics_informed")
 class PhysicsInformed(Extension):
     "The relative energy change of every layer, as a loss and as `energy_drift`"
@@ -217,7 +226,7 @@ class PhysicsInformed(Extension):
         stats["energy_drift"] = float(self.drift_sum / self.cfg.n_layers)
         return x
 
-# %% ../nbs/04_architecture.ipynb #f1f73a05
+# %% ../nbs/04_architecture.ipynb #b96abfbf
 @extends("use_act")
 class ACT(Extension):
     "Per-token halting over depth: halted tokens keep their state and skip the experts; the output mixes the layers"
@@ -231,7 +240,7 @@ class ACT(Extension):
         self.out, self.halted = torch.zeros_like(x), torch.zeros(B, N, dtype=torch.bool, device=x.device)
     def active(self, l): return None if l == 0 else (~self.halted).flatten().nonzero().squeeze(1)
 
-# %% ../nbs/04_architecture.ipynb #07f3f75e
+# %% ../nbs/04_architecture.ipynb #6743e953
 @patch
 def after_layer(self: ACT, l: int, x: Tensor, x_new: Tensor) -> Tensor:
     x_new = torch.where(self.halted[..., None], x, x_new)
@@ -244,14 +253,14 @@ def after_layer(self: ACT, l: int, x: Tensor, x_new: Tensor) -> Tensor:
     self.halted = self.halted | stop
     return x_new
 
-# %% ../nbs/04_architecture.ipynb #6ddfcddc
+# %% ../nbs/04_architecture.ipynb #ceebadd0
 @patch
 def finish(self: ACT, x: Tensor, aux: dict, stats: dict) -> Tensor:
     aux["ponder"] = self.cfg.ponder_weight * (self.n_upd + self.remainder).mean()
     stats["executed_depth"] = float(self.n_upd.mean())
     return self.out
 
-# %% ../nbs/04_architecture.ipynb #5adadcad
+# %% ../nbs/04_architecture.ipynb #70071775
 def pool_pairs(x: Tensor) -> Tensor:
     "Average adjacent positions: (B, N, D) -> (B, ceil(N/2), D) (an odd last position is averaged with zeros)"
     return F.pad(x, (0, 0, 0, x.shape[1] % 2)).unflatten(1, (-1, 2)).mean(2)
@@ -261,7 +270,7 @@ def causal_upsample(delta: Tensor, n: int) -> Tensor:
     up = delta.repeat_interleave(2, dim=1)[:, : n - 1]
     return F.pad(up, (0, 0, 1, 0))
 
-# %% ../nbs/04_architecture.ipynb #6ca778e0
+# %% ../nbs/04_architecture.ipynb #89ff7a61
 @extends("use_multi_scale")
 class MultiScale(Extension):
     "The middle layers (all but the first and the last) at half the sequence resolution"
@@ -270,7 +279,7 @@ class MultiScale(Extension):
         y, balance = layer(pool_pairs(x))
         return x + causal_upsample(y, x.shape[1]), balance
 
-# %% ../nbs/04_architecture.ipynb #eaecc480
+# %% ../nbs/04_architecture.ipynb #b315b76d
 @extends("use_sparse_bk")
 class SparseBK(Extension):
     "A learned hard gate on every layer's BK potential (straight-through), pulled toward `sparse_target`"
@@ -289,20 +298,22 @@ class SparseBK(Extension):
         stats["bk_sparsity"] = float(self.masked_sum / self.cfg.n_layers)
         return x
 
-# %% ../nbs/04_architecture.ipynb #c736f21e
+# %% ../nbs/04_architecture.ipynb #809da678
 @extends("use_early_exit")
 class EarlyExit(Extension):
     "Exits after every layer but the last, through the shared head, each with a one-unit learned decision to take it"
     def __init__(self, cfg: ConfigurableResNetBKConfig):
         super().__init__(cfg)
-        self.decide = nn.ModuleList(nn.Linear(cfg.d_model, 1) for _ in range(cfg.n_layers - 1))
+        self.decide = nn.ModuleList(nn.Sequential(nn.LayerNorm(cfg.d_model), nn.Linear(cfg.d_model, 1))
+                                    for _ in range(cfg.n_layers - 1))
         self.threshold = None  # set by `forward(..., exit_threshold=t)` for that call; None: full depth
     def begin(self, x):
         self.states, self.done = [], torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         self.exit_layer = torch.full(x.shape[:2], self.cfg.n_layers, device=x.device)
     def active(self, l): return None if self.threshold is None or l == 0 else (~self.done).flatten().nonzero().squeeze(1)
+    def probes(self): return list(self.decide.parameters())
 
-# %% ../nbs/04_architecture.ipynb #de1d6515
+# %% ../nbs/04_architecture.ipynb #feedcc6a
 @patch
 def after_layer(self: EarlyExit, l: int, x: Tensor, x_new: Tensor) -> Tensor:
     last = l == self.cfg.n_layers - 1
@@ -315,14 +326,14 @@ def after_layer(self: EarlyExit, l: int, x: Tensor, x_new: Tensor) -> Tensor:
         self.exit_layer, self.done = torch.where(take, l + 1, self.exit_layer), self.done | take
     return x_new
 
-# %% ../nbs/04_architecture.ipynb #db9137f9
+# %% ../nbs/04_architecture.ipynb #6613f51b
 @patch
 def finish(self: EarlyExit, x: Tensor, aux: dict, stats: dict) -> Tensor:
     if self.threshold is not None:
         stats.update(exit_layer=float(self.exit_layer.float().mean()), exited_early=float(self.done.float().mean()))
     return x
 
-# %% ../nbs/04_architecture.ipynb #19bb9af7
+# %% ../nbs/04_architecture.ipynb #9e9aff19
 @patch
 def head_loss(self: EarlyExit, model: nn.Module, targets: Tensor, nll: Tensor) -> Tensor:
     exits = [model.nll(h, targets) for h in self.states]
@@ -330,7 +341,7 @@ def head_loss(self: EarlyExit, model: nn.Module, targets: Tensor, nll: Tensor) -
            for d, h, e in zip(self.decide, self.states, exits)]
     return self.cfg.exit_weight * torch.stack([e.mean() for e in exits]).mean() + torch.stack(fit).mean()
 
-# %% ../nbs/04_architecture.ipynb #ee615220
+# %% ../nbs/04_architecture.ipynb #625a402d
 @patch
 def forward(self: ConfigurableResNetBK, tokens: Tensor, targets: Tensor | None = None,
             exit_threshold: float | None = None) -> Tensor:

@@ -231,7 +231,7 @@ def load_checkpoint(run: TrainRun, path: Path):
         raise ValueError(f"checkpoint {path} was written by {len(c['rng'])} process(es); resume with as many, not {world}")
     torch.set_rng_state(c["rng"][rank]["torch"]); random.setstate(c["rng"][rank]["python"])
 
-# %% ../nbs/05_training.ipynb #3aa82937
+# %% ../nbs/05_training.ipynb #25c70543
 def train_step(run: TrainRun, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
     "Forward, backward, clip and optimizer step on (x, y); returns the loss and its terms"
     with autocast(run.device, run.amp_dtype):
@@ -240,7 +240,9 @@ def train_step(run: TrainRun, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
     run.opt.zero_grad(set_to_none=True)
     if run.scaler: run.scaler.scale(loss).backward(); run.scaler.unscale_(run.opt)
     else: loss.backward(); _check_finite_grads(run.model, run.epoch, run.step)
-    if run.cfg.grad_clip: nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
+    if run.cfg.grad_clip:  # each clip group on its own (04: probes apart from the model)
+        for group in (run.model.clip_groups() if hasattr(run.model, "clip_groups") else [list(run.model.parameters())]):
+            nn.utils.clip_grad_norm_(group, run.cfg.grad_clip)
     if run.scaler: run.scaler.step(run.opt); run.scaler.update()
     else: run.opt.step()
     run.sched.step()
@@ -282,7 +284,7 @@ def epoch_batches(run: TrainRun, lengths: list[int]) -> tuple[Iterator, int]:
     B, W = run.local_batch, run.budget // run.cfg.n_seq
     return (window_batch(run.data, order[i * B : (i + 1) * B], run.cfg.n_seq, W, L) for i, L in enumerate(lengths)), scoring
 
-# %% ../nbs/05_training.ipynb #4a9cc2b5
+# %% ../nbs/05_training.ipynb #349fa574
 def train_epoch(run: TrainRun, progress: bool = True) -> dict:
     "Train one epoch: mean loss and CE, tokens read and back-propagated, FLOPs and seconds of the job; curve points"
     cfg, world = run.cfg, run.world
@@ -314,7 +316,7 @@ def train_epoch(run: TrainRun, progress: bool = True) -> dict:
     n = max(len(lengths), 1)
     return {**s, "loss": s["loss"] / n, "ce": s["ce"] / n, "seconds": time.perf_counter() - t_epoch - s["eval_seconds"]}
 
-# %% ../nbs/05_training.ipynb #ce67b437
+# %% ../nbs/05_training.ipynb #adaf9358
 def end_epoch(run: TrainRun, ep: dict, corpus: Corpus, checkpoint: Path | None = None):
     "Record epoch `ep`, evaluate on the validation split, keep the best weights, checkpoint"
     res, cfg = run.result, run.cfg
@@ -332,7 +334,7 @@ def end_epoch(run: TrainRun, ep: dict, corpus: Corpus, checkpoint: Path | None =
     run.epoch += 1
     if checkpoint: save_checkpoint(run, checkpoint)
 
-# %% ../nbs/05_training.ipynb #37d1436c
+# %% ../nbs/05_training.ipynb #296581ed
 def _record_speed_and_memory(run: TrainRun):
     "tokens/s, peak memory and FLOPs per step of the job, and each rank's figures"
     res, world = run.result, run.world
@@ -351,7 +353,7 @@ def _record_speed_and_memory(run: TrainRun):
                           "breakdown": {k: v * world for k, v in f["breakdown"].items()}, "batch_size": run.cfg.batch_size,
                           "per_rank_total": f["total"]}
 
-# %% ../nbs/05_training.ipynb #020dd00c
+# %% ../nbs/05_training.ipynb #de0732aa
 def _early_exit_measurements(model: nn.Module, corpus: Corpus, cfg: TrainConfig, device: torch.device) -> dict:
     bos, th = corpus.vocab.stoi[EOS], model.cfg.exit_threshold
     test = evaluate(model, corpus.test, bos, cfg.eval_batch_size, cfg.n_seq, device, exit_threshold=th)
@@ -362,7 +364,7 @@ def _early_exit_measurements(model: nn.Module, corpus: Corpus, cfg: TrainConfig,
             "early_exit_speedup": curve[0]["seconds_per_token"] / at["seconds_per_token"],
             "early_exit_flops_ratio": at["flops_per_token"] / curve[0]["flops_per_token"], "early_exit_curve": curve}
 
-# %% ../nbs/05_training.ipynb #0e25318f
+# %% ../nbs/05_training.ipynb #53250739
 def _flag_measurements(run: TrainRun, corpus: Corpus) -> dict:
     model, cfg, dev, res, out = run.model, run.cfg, run.device, run.result, {}
     ev = lambda m, **kw: evaluate(m, corpus.test, corpus.vocab.stoi[EOS], cfg.eval_batch_size, cfg.n_seq, dev, **kw)
@@ -385,7 +387,7 @@ def _flag_measurements(run: TrainRun, corpus: Corpus) -> dict:
     out["compressed_size_mb"] = compressed_size_mb(model.state_dict())  # zlib of the final state (pruned zeros shrink)
     return out
 
-# %% ../nbs/05_training.ipynb #c782423f
+# %% ../nbs/05_training.ipynb #e3b90200
 def finish_run(run: TrainRun, corpus: Corpus) -> TrainResult:
     "Final measurements and the test of the best weights"
     _record_speed_and_memory(run)
@@ -397,7 +399,7 @@ def finish_run(run: TrainRun, corpus: Corpus) -> TrainResult:
     res.model_size_mb = model_size_mb(run.model)  # so that no pruning masks are counted
     return res
 
-# %% ../nbs/05_training.ipynb #407f9ade
+# %% ../nbs/05_training.ipynb #a7d2596e
 def train(
     model: nn.Module,              # a CausalLM (its `loss` adds auxiliary losses)
     corpus: Corpus,                # token streams and vocabulary
