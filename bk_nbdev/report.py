@@ -20,7 +20,8 @@ from fastcore.imports import in_ipython
 # %% auto #0
 __all__ = ['project_root', 'md_table', 'sweep_section', 'load_runs', 'models_section', 'transformer_of', 'chosen_section',
            'provenance_line', 'presets_section', 'ratio_words', 'claims_section', 'reach_line', 'pct',
-           'ablation_section', 'budget_line', 'plot_sweep', 'results_markdown', 'readme_text', 'write_results']
+           'ablation_section', 'exit_section', 'budget_line', 'plot_sweep', 'results_markdown', 'readme_text',
+           'write_results']
 
 # %% ../nbs/07b_report.ipynb #20fc08e3
 def project_root() -> Path:
@@ -155,7 +156,18 @@ def ablation_section(study: Path, base: str) -> str:
             md_table(["flag", "claimed", "test ppl", "Δ test ppl", "Δ time/step", "Δ FLOPs/step", "Δ peak memory",
                       "Δ size", "steps to base ppl", "seconds to base ppl", "own measurements"], rows))
 
-# %% ../nbs/07b_report.ipynb #1a691595
+# %% ../nbs/07b_report.ipynb #45850624
+def exit_section(study: Path, base: str) -> str:
+    "The inference curve of the ablation's early-exit row: each threshold against the same model at full depth"
+    name = ablation_configs(base)["use_early_exit"].model_name
+    curve = WikiText2Benchmark(study).load_results(name)["flag_measurements"]["early_exit_curve"]
+    full = curve[0]
+    rows = [["full depth" if p["threshold"] is None else f"{p['threshold']:g}", p["perplexity"], f"{p['exit_layer']:.2f}",
+             f"{full['seconds_per_token'] / p['seconds_per_token']:.2f}×", f"{p['flops_per_token'] / full['flops_per_token']:.2f}×"]
+            for p in curve]
+    return md_table(["exit threshold", "validation ppl", "mean exit layer", "eval speed-up", "FLOPs per token"], rows)
+
+# %% ../nbs/07b_report.ipynb #13cf665d
 def budget_line(study: Path) -> str:
     "The training budget and seed of a study's runs, from their config"
     first = load_runs(study)[0]
@@ -165,7 +177,7 @@ def budget_line(study: Path) -> str:
             f"{c['n_layers']} layers, N {c['n_seq']}, batch {c['batch_size']}); validation and test perplexity over "
             f"every token of their splits; one seed ({seed}).")
 
-# %% ../nbs/07b_report.ipynb #b68205d1
+# %% ../nbs/07b_report.ipynb #773f5ec3
 def plot_sweep(study: Path) -> Path:
     "lr_sweep.png of a study: best validation perplexity against learning rate per preset"
     import matplotlib; matplotlib.use("Agg")
@@ -181,7 +193,7 @@ def plot_sweep(study: Path) -> Path:
     fig.savefig(out, dpi=100); plt.close(fig)
     return out
 
-# %% ../nbs/07b_report.ipynb #c30114a8
+# %% ../nbs/07b_report.ipynb #c4162559
 def results_markdown(ref: Path | None = None) -> str:
     "The README's Results section, from the reference results under `ref` (default: results/reference)"
     ref = ref or project_root()/"results"/"reference"
@@ -193,13 +205,15 @@ def results_markdown(ref: Path | None = None) -> str:
         reach_line(quick, names[1]),
         f"![training curves against steps, tokens, FLOPs and seconds]({figs('quick')}/training_curves.png)",
         f"![total training FLOPs]({figs('quick')}/training_flops.png)",
-        "**The original's claims** for the full model, against the Transformer (the full model's optimizations are "
-        "being reworked so that each is measured on the axis of its own claim):", claims_section(quick, *names),
+        "**The original's claims** for the full model, against the Transformer (what each optimization does on the "
+        "axis of its own claim is in the ablation below):", claims_section(quick, *names),
         provenance_line(quick),
         "**The whole training split.** " + budget_line(whole), presets_section(whole),
         f"![training curves on the whole split]({figs('whole')}/training_curves.png)", provenance_line(whole),
         "**The ablation** (07) at the quick budget, every row from the same base and seed:",
-        ablation_section(ref/"ablation", "baseline_quick"), provenance_line(ref/"ablation"),
+        ablation_section(ref/"ablation", "baseline_quick"),
+        "**Early exit at inference**, the ablation's early-exit row over its exit threshold (validation split):",
+        exit_section(ref/"ablation", "baseline_quick"), provenance_line(ref/"ablation"),
         "**Learning rate.** The original benchmark trains every model at 1e-3. Validation perplexity of each quick "
         "preset at each learning rate of the sweep (07a; same budget), the lowest in bold:", sweep_section(study),
         "![validation perplexity against learning rate](results/reference/quick_lr_sweep/lr_sweep.png)",
@@ -207,12 +221,12 @@ def results_markdown(ref: Path | None = None) -> str:
         "**The models.** Every run of the sweep, each against the Transformer at the same learning rate:",
         models_section(study), provenance_line(study)])
 
-# %% ../nbs/07b_report.ipynb #340cd626
+# %% ../nbs/07b_report.ipynb #1a779400
 def readme_text(index: dict) -> str:
     "README.md: the Markdown cells of nbs/index.ipynb"
     return "\n\n".join("".join(c["source"]) for c in index["cells"] if c["cell_type"] == "markdown") + "\n"
 
-# %% ../nbs/07b_report.ipynb #52e7717a
+# %% ../nbs/07b_report.ipynb #a531d110
 def write_results(root: Path | None = None):
     "Put `results_markdown()` into nbs/index.ipynb and rewrite README.md from it"
     root = root or project_root()
@@ -228,5 +242,5 @@ def write_results(root: Path | None = None):
     atomic_write_bytes(nb_path, (json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode())
     atomic_write_bytes(root/"README.md", readme_text(nb).encode())
 
-# %% ../nbs/07b_report.ipynb #697a6705
+# %% ../nbs/07b_report.ipynb #f39d7c54
 if __name__ == "__main__" and not in_ipython(): write_results()  # python -m bk_nbdev.report
