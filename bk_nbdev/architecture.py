@@ -56,12 +56,10 @@ class ConfigurableResNetBKConfig(ResNetBKConfig):
 
     def flags(self) -> dict[str, bool]: return {f: getattr(self, f) for f in ARCH_FLAGS}
 
-# %% ../nbs/04_architecture.ipynb #73cb2c77
+# %% ../nbs/04_architecture.ipynb #113c99f3
 class Extension(nn.Module):
     "A flag's mechanism, called by `ConfigurableResNetBK` at fixed points of its forward pass; every hook a no-op"
-    def __init__(self, cfg: ConfigurableResNetBKConfig):
-        super().__init__()
-        self.cfg = cfg
+    def __init__(self, cfg: ConfigurableResNetBKConfig): super().__init__(); self.cfg = cfg
     def begin(self, x: Tensor): pass
     def apply(self, l: int, layer, x: Tensor): return None
     def active(self, l: int) -> Tensor | None: return None
@@ -298,7 +296,7 @@ class SparseBK(Extension):
         stats["bk_sparsity"] = float(self.masked_sum / self.cfg.n_layers)
         return x
 
-# %% ../nbs/04_architecture.ipynb #809da678
+# %% ../nbs/04_architecture.ipynb #6f619570
 @extends("use_early_exit")
 class EarlyExit(Extension):
     "Exits after every layer but the last, through the shared head, each with a one-unit learned decision to take it"
@@ -312,6 +310,10 @@ class EarlyExit(Extension):
         self.exit_layer = torch.full(x.shape[:2], self.cfg.n_layers, device=x.device)
     def active(self, l): return None if self.threshold is None or l == 0 else (~self.done).flatten().nonzero().squeeze(1)
     def probes(self): return list(self.decide.parameters())
+    def finish(self, x, aux, stats):  # when exiting: the mean exit layer, the share of tokens that left early
+        if self.threshold is not None:
+            stats.update(exit_layer=float(self.exit_layer.float().mean()), exited_early=float(self.done.float().mean()))
+        return x
 
 # %% ../nbs/04_architecture.ipynb #feedcc6a
 @patch
@@ -326,14 +328,7 @@ def after_layer(self: EarlyExit, l: int, x: Tensor, x_new: Tensor) -> Tensor:
         self.exit_layer, self.done = torch.where(take, l + 1, self.exit_layer), self.done | take
     return x_new
 
-# %% ../nbs/04_architecture.ipynb #6613f51b
-@patch
-def finish(self: EarlyExit, x: Tensor, aux: dict, stats: dict) -> Tensor:
-    if self.threshold is not None:
-        stats.update(exit_layer=float(self.exit_layer.float().mean()), exited_early=float(self.done.float().mean()))
-    return x
-
-# %% ../nbs/04_architecture.ipynb #9e9aff19
+# %% ../nbs/04_architecture.ipynb #3c035a33
 @patch
 def head_loss(self: EarlyExit, model: nn.Module, targets: Tensor, nll: Tensor) -> Tensor:
     exits = [model.nll(h, targets) for h in self.states]
@@ -341,7 +336,7 @@ def head_loss(self: EarlyExit, model: nn.Module, targets: Tensor, nll: Tensor) -
            for d, h, e in zip(self.decide, self.states, exits)]
     return self.cfg.exit_weight * torch.stack([e.mean() for e in exits]).mean() + torch.stack(fit).mean()
 
-# %% ../nbs/04_architecture.ipynb #625a402d
+# %% ../nbs/04_architecture.ipynb #cd5f0559
 @patch
 def forward(self: ConfigurableResNetBK, tokens: Tensor, targets: Tensor | None = None,
             exit_threshold: float | None = None) -> Tensor:

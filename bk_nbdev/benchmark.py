@@ -19,7 +19,8 @@ from .curves import plot_curves, plot_training_flops
 from .data import load_corpus
 from .head import bf16_is_fast
 from .runtime import atomic_write_bytes, dist_info, init_distributed, resolve_device
-from .training import TrainResult, train
+from .training import TrainResult
+from .trainer import train
 from fastcore.basics import patch
 
 # %% auto #0

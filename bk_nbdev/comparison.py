@@ -18,8 +18,8 @@ from .training import OBSERVE_FIELDS
 
 # %% auto #0
 __all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'NOTES', 'VARIANTS', 'DEFAULTS', 'load_all_results', 'write_table', 'print_table',
-           'role', 'model_table', 'bar_charts', 'standard_pairs', 'ablation_configs', 'run_in_fresh_process',
-           'same_run', 'run_or_reuse', 'run_ablation', 'time_to_quality', 'ablation_table']
+           'role', 'model_table', 'bar_charts', 'standard_pairs', 'full_settings', 'ablation_configs',
+           'run_in_fresh_process', 'same_run', 'run_or_reuse', 'run_ablation', 'time_to_quality', 'ablation_table']
 
 # %% ../nbs/07_comparison.ipynb #bdac0e23
 REQUIRED = [f.name for f in fields(BenchmarkResults)]
@@ -111,22 +111,25 @@ def standard_pairs(results: dict[str, dict]) -> list[tuple[str, str]]:
     want = [("full", "transformer"), ("baseline", "transformer"), ("full", "baseline")]
     return [(by_role[a], by_role[b]) for a, b in want if a in by_role and b in by_role]
 
-# %% ../nbs/07_comparison.ipynb #d47511cc
+# %% ../nbs/07_comparison.ipynb #1dea2c3b
 CLAIMS = {  # what the original documentation claimed; "" where it stated no figure
     "use_analytic_gradient": "", "use_koopman": "100x lower gradient cost", "use_physics_informed": "10x fewer steps",
     "use_quantization": "", "use_pruning": "", "use_mixed_precision": "", "use_act": "30% fewer layers",
     "use_multi_scale": "2x on middle layers", "use_sparse_bk": "1.8x at 50% sparsity", "use_early_exit": "(inference)",
-    "use_curriculum": "", "use_active_learning": "50% less data", "all flags": "", "random half": "(control of active learning)",
-    "int4 quantization": "(quantization's INT4 variant)",
+    "use_curriculum": "", "use_active_learning": "50% less data", "all flags": "(the full preset)", "random half": "(control of active learning)",
+    "int4 quantization": "(quantization's INT4 variant)", "act, ponder 0.1": "(ACT, 10x the ponder weight)",
+    "act, ponder 1": "(ACT, 100x the ponder weight)",
 }
 OWN_MEASURE = {  # the flag's own measurements: where they live in the results
     "use_physics_informed": [("model_stats", "energy_drift")],
-    "use_act": [("model_stats", "executed_depth"), ("flag_measurements", "trained_flops_without_head")],
+    **{k: [("model_stats", "executed_depth"), ("flag_measurements", "trained_flops_without_head")]
+       for k in ("use_act", "act, ponder 0.1", "act, ponder 1")},
     "use_sparse_bk": [("model_stats", "bk_sparsity")],
     "use_early_exit": [("flag_measurements", k) for k in ("early_exit_test_perplexity", "early_exit_mean_layer",
                                                           "early_exit_speedup", "early_exit_flops_ratio")],
     "use_quantization": [("flag_measurements", "artifact_size_mb"), ("flag_measurements", "artifact_test_perplexity")],
-    "use_pruning": [("flag_measurements", "pruned_fraction")],
+    "use_pruning": [("flag_measurements", k) for k in ("pruned_fraction", "pruned_params", "artifact_size_mb",
+                                                       "artifact_test_perplexity")],
     "use_active_learning": [("flag_measurements", "distinct_fraction")],
     "random half": [("flag_measurements", "distinct_fraction")],
     "int4 quantization": [("flag_measurements", "artifact_size_mb"), ("flag_measurements", "artifact_test_perplexity")],
@@ -136,31 +139,39 @@ NOTES = {"use_sparse_bk": "no compute saved by design (a regularizer, 04)"}  # w
 VARIANTS = {  # rows that are not one flag alone: label -> (the fields they set, model-name suffix)
     "random half": ({"use_active_learning": True, "active_selection": "random"}, "random_half"),
     "int4 quantization": ({"use_quantization": True, "quant_bits": 4}, "quantization_int4"),
+    "act, ponder 0.1": ({"use_act": True, "ponder_weight": 0.1}, "act_ponder0.1"),  # ACT's curve: depth against quality
+    "act, ponder 1": ({"use_act": True, "ponder_weight": 1.0}, "act_ponder1"),
 }
 
-# %% ../nbs/07_comparison.ipynb #01d2f928
+# %% ../nbs/07_comparison.ipynb #eabe0864
+def full_settings() -> dict:
+    "What the `full` preset sets beyond `baseline`: every flag, and the settings it chose for them"
+    full, base = load_preset("full").to_dict(), load_preset("baseline").to_dict()
+    return {k: v for k, v in full.items() if v != base[k] and k != "model_name"}
+
+# %% ../nbs/07_comparison.ipynb #9a89604d
 def ablation_configs(base: str = "baseline", **overrides) -> dict[str, BenchmarkConfig]:
-    "Row label -> config: the base, each flag alone, all flags, and the `VARIANTS` (active learning's control, INT4)"
+    "Row label -> config: the base, each flag alone, all flags (the full preset's settings), and the `VARIANTS`"
     b = load_preset(base, **overrides)
     rows = {"base": b}
     for f in FLAGS:
         rows[f] = BenchmarkConfig(**{**asdict(b), f: True, "model_name": f"{b.model_name}+{f[4:]}"})
-    rows["all flags"] = BenchmarkConfig(**{**asdict(b), **{f: True for f in FLAGS}, "model_name": f"{b.model_name}+all"})
+    rows["all flags"] = BenchmarkConfig(**{**asdict(b), **full_settings(), "model_name": f"{b.model_name}+all"})
     for label, (changes, suffix) in VARIANTS.items():
         rows[label] = BenchmarkConfig(**{**asdict(b), **changes, "model_name": f"{b.model_name}+{suffix}"})
     return rows
 
-# %% ../nbs/07_comparison.ipynb #f2fd1ea0
+# %% ../nbs/07_comparison.ipynb #5b14597a
 def _run_config(cfg: dict, output_dir: str, progress: bool) -> dict:
     "One benchmark run from a plain config dict (what the fresh process receives), its results as a dict"
     return asdict(WikiText2Benchmark(output_dir).run_benchmark(BenchmarkConfig(**cfg), progress=progress))
 
-# %% ../nbs/07_comparison.ipynb #a9b5b7bd
+# %% ../nbs/07_comparison.ipynb #ec44be85
 def run_in_fresh_process(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = False) -> dict:
     "Run one configuration in a new Python process, so that its peak memory owes nothing to earlier runs"
     return in_fresh_process("bk_nbdev.comparison._run_config", asdict(cfg), str(output_dir), progress)
 
-# %% ../nbs/07_comparison.ipynb #8fdf54d7
+# %% ../nbs/07_comparison.ipynb #61cbdb49
 DEFAULTS = json.loads(json.dumps({f.name: f.default for f in fields(BenchmarkConfig) if f.default is not MISSING},
                                  default=str))  # as a stored config has them
 
@@ -169,32 +180,32 @@ def same_run(stored: dict, cfg: BenchmarkConfig) -> bool:
     trained = lambda d: {k: v for k, v in {**DEFAULTS, **d}.items() if k not in OBSERVE_FIELDS}
     return trained(stored) == trained(cfg.to_dict())
 
-# %% ../nbs/07_comparison.ipynb #cfcd123b
+# %% ../nbs/07_comparison.ipynb #9c6165c4
 def run_or_reuse(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = False) -> dict:
     "The results of `cfg` in `output_dir`: read back when they exist for the same run, else run in a fresh process"
     p = WikiText2Benchmark(output_dir).results_path(cfg.model_name)
     if p.exists() and same_run(json.loads(p.read_text())["config"], cfg): return json.loads(p.read_text())
     return run_in_fresh_process(cfg, output_dir, progress)
 
-# %% ../nbs/07_comparison.ipynb #bc07d6be
+# %% ../nbs/07_comparison.ipynb #16d9768f
 def run_ablation(base: str = "baseline", output_dir: str | Path = "benchmark_results/ablation", progress: bool = False,
                  **overrides) -> dict[str, dict]:
     "Run every ablation configuration, each in a fresh process (reusing finished results with an identical config)"
     return {label: run_or_reuse(cfg, output_dir, progress) for label, cfg in ablation_configs(base, **overrides).items()}
 
-# %% ../nbs/07_comparison.ipynb #5e6e0a7f
+# %% ../nbs/07_comparison.ipynb #bd371079
 def _change(a, b):
     "Relative change of a against b (None when b is 0)"
     return None if not b else a / b - 1
 
-# %% ../nbs/07_comparison.ipynb #563824e4
+# %% ../nbs/07_comparison.ipynb #d979c2ef
 def time_to_quality(r: dict, base: dict, tolerance: float = 0.01) -> dict:
     "Steps, tokens, FLOPs and seconds for `r` to first reach the base's final subset perplexity, relative to the base's"
     target = final_subset_perplexity(base) * (1 + tolerance)
     mine, theirs = (reach(subset_points(x["val_curve"]), target) for x in (r, base))
     return {f"{k}_to_base_ppl": "not reached" if mine is None else mine[k] / theirs[k] for k in POSITION}
 
-# %% ../nbs/07_comparison.ipynb #30c54376
+# %% ../nbs/07_comparison.ipynb #96806bfa
 def ablation_table(runs: dict[str, dict]) -> list[dict]:
     base, rows = runs["base"], []
     step_time = lambda r: r["training_time"] / r["steps"]

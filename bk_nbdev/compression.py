@@ -1,4 +1,4 @@
-"""Two of the training-side optimizations make the model smaller: quantization-aware training with an INT8 or INT4 artifact, and gradual structured pruning. Each is a few functions on plain `nn.Module`s that the training loop (05) calls.
+"""Two of the training-side optimizations make the model smaller: quantization-aware training with an INT8 or INT4 artifact, and gradual structured pruning that removes the units it prunes. Each is a few functions on plain `nn.Module`s that the training loop (05) calls.
 
 Docs: https://bk-nbdev.github.io/bk_nbdev/compression.html.md"""
 
@@ -19,9 +19,9 @@ from .runtime import atomic_write_bytes, state_bytes
 
 # %% auto #0
 __all__ = ['quant_levels', 'quant_scale', 'fake_quant', 'QATLinear', 'QATLMHead', 'QATEmbedding', 'enable_qat', 'pack_int4',
-           'unpack_int4', 'export_quantized', 'load_quantized', 'plain_copy', 'artifact_bytes', 'load_artifact',
-           'save_artifact', 'pruning_schedule', 'prunable_linears', 'start_pruning', 'prune_to', 'pruned_fraction',
-           'finish_pruning', 'compressed_size_mb']
+           'unpack_int4', 'export_quantized', 'fit_linears', 'load_quantized', 'plain_copy', 'artifact_bytes',
+           'load_artifact', 'save_artifact', 'pruning_schedule', 'mlp_pairs', 'start_pruning', 'unit_scores',
+           'prune_to', 'pruned_fraction', 'shrink_pair', 'finish_pruning', 'compressed_size_mb']
 
 # %% ../nbs/04a_compression.ipynb #5a231b15
 def quant_levels(bits: int) -> int:
@@ -96,7 +96,18 @@ def export_quantized(model: nn.Module, bits: int = 8) -> dict:
         out[f"{k}.int{bits}"], out[k + ".scale"] = (q if bits == 8 else pack_int4(q)), s
     return out
 
-# %% ../nbs/04a_compression.ipynb #448d086d
+# %% ../nbs/04a_compression.ipynb #5a910901
+def fit_linears(model: nn.Module, state: dict) -> nn.Module:
+    "Resize every nn.Linear of `model` whose weight in `state` has another shape (a pruned artifact into a fresh model)"
+    for n, m in model.named_modules():
+        w = state.get(f"{n}.weight")
+        if isinstance(m, nn.Linear) and w is not None and w.shape != m.weight.shape:
+            m.out_features, m.in_features = w.shape
+            m.weight = nn.Parameter(torch.empty(w.shape, dtype=m.weight.dtype, device=m.weight.device))
+            if m.bias is not None: m.bias = nn.Parameter(torch.empty(w.shape[0], dtype=m.bias.dtype, device=m.bias.device))
+    return model
+
+# %% ../nbs/04a_compression.ipynb #317d5394
 def load_quantized(model: nn.Module, state: dict) -> nn.Module:
     "Load an `export_quantized` state into `model`, dequantizing the integer weights"
     full = {}
@@ -105,10 +116,10 @@ def load_quantized(model: nn.Module, state: dict) -> nn.Module:
         if kind == "scale": continue
         if kind not in ("int8", "int4"): full[k] = v; continue
         full[stem] = (v if kind == "int8" else unpack_int4(v)).float() * state[stem + ".scale"][:, None]
-    model.load_state_dict(full)
+    fit_linears(model, full).load_state_dict(full)
     return model
 
-# %% ../nbs/04a_compression.ipynb #e3df2dd7
+# %% ../nbs/04a_compression.ipynb #27c120a1
 def plain_copy(model: nn.Module) -> nn.Module:
     "A copy of `model` with plain linear layers, head and embeddings (no fake quantization)"
     m, plain = copy.deepcopy(model), {qat: cls for cls, qat in _QAT.items()}
@@ -116,60 +127,84 @@ def plain_copy(model: nn.Module) -> nn.Module:
         if type(mod) in plain: mod.__class__ = plain[type(mod)]
     return m
 
-# %% ../nbs/04a_compression.ipynb #deb4676c
+# %% ../nbs/04a_compression.ipynb #a117ac5d
 def artifact_bytes(model: nn.Module, bits: int = 8) -> bytes:
-    "The deployable artifact of `model`: its `bits`-bit export, serialized and zlib-compressed (level 9)"
-    return zlib.compress(state_bytes(export_quantized(model, bits)), 9)
+    "The deployable artifact of `model`: its `bits`-bit export (32: its float32 state), serialized and zlib-compressed"
+    return zlib.compress(state_bytes(model.state_dict() if bits == 32 else export_quantized(model, bits)), 9)
 
-# %% ../nbs/04a_compression.ipynb #9b8c7b57
+# %% ../nbs/04a_compression.ipynb #884ec165
 def load_artifact(model: nn.Module, data: bytes) -> nn.Module:
     "`model` (a plain float model of the same architecture) with the weights of an artifact's bytes"
     return load_quantized(model, torch.load(io.BytesIO(zlib.decompress(data)), weights_only=True))
 
-# %% ../nbs/04a_compression.ipynb #02fca51f
+# %% ../nbs/04a_compression.ipynb #1b20c8d6
 def save_artifact(model: nn.Module, path: str | Path, bits: int = 8) -> int:
     "Write the artifact of `model` to `path` (atomically); returns its size in bytes"
     data = artifact_bytes(model, bits)
     atomic_write_bytes(path, data)
     return len(data)
 
-# %% ../nbs/04a_compression.ipynb #7ab59a98
-def pruning_schedule(epoch: int, epochs: int, target: float) -> float:
-    "Fraction of channels pruned during `epoch` (0-based): cubic ramp from 0 to `target` at the last epoch"
-    if epochs == 1: return target
-    return target * (1 - (1 - epoch / (epochs - 1)) ** 3)
+# %% ../nbs/04a_compression.ipynb #61070365
+def pruning_schedule(step: int, total_steps: int, epochs: int, target: float) -> float:
+    "Fraction of hidden units pruned at `step`: cubic ramp from 0 to `target` at the last epoch's start, then held"
+    end = total_steps * (epochs - 1) // epochs if epochs > 1 else total_steps // 2
+    return target if step >= end else target * (1 - (1 - step / end) ** 3)
 
-# %% ../nbs/04a_compression.ipynb #451512a4
-def prunable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    "Hidden Linear layers (not the LM head or its parts, not MoE routers)"
-    return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n.split(".")[0] != "head" and not n.endswith("router")]
+# %% ../nbs/04a_compression.ipynb #3edd8ce1
+def mlp_pairs(model: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
+    "(up, down) of every two-layer MLP: a Sequential whose only parametrized modules are Linear(d, h), Linear(h, d)"
+    pairs = []
+    for m in model.modules():
+        lin = [c for c in m.children() if any(True for _ in c.parameters())] if isinstance(m, nn.Sequential) else []
+        if len(lin) == 2 and all(isinstance(c, nn.Linear) for c in lin) and lin[0].out_features == lin[1].in_features:
+            pairs.append((lin[0], lin[1]))
+    return pairs
 
-# %% ../nbs/04a_compression.ipynb #aa666341
+# %% ../nbs/04a_compression.ipynb #5a17d305
 def start_pruning(model: nn.Module):
-    "Attach identity masks so that checkpoints have the same keys before and after pruning begins"
-    for _, m in prunable_linears(model): prune.identity(m, "weight")
+    "Attach identity masks to both layers of every MLP pair"
+    for up, down in mlp_pairs(model): prune.identity(up, "weight"); prune.identity(down, "weight")
 
-# %% ../nbs/04a_compression.ipynb #d5b05419
+# %% ../nbs/04a_compression.ipynb #7d47a7a5
+def unit_scores(up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    "‖row j of up‖₂ · ‖column j of down‖₂ of each hidden unit, on the masked weights"
+    w = lambda m: (m.weight_orig * m.weight_mask).detach()
+    return w(up).norm(dim=1) * w(down).norm(dim=0)
+
+# %% ../nbs/04a_compression.ipynb #eef564dd
 def prune_to(model: nn.Module, fraction: float):
-    "Mask output channels (L2 norm) until `fraction` of each prunable layer's rows are pruned"
-    for _, m in prunable_linears(model):
-        done = float((m.weight_mask.sum(1) == 0).float().mean())
-        if fraction > done:
-            prune.ln_structured(m, "weight", amount=(fraction - done) / (1 - done), n=2, dim=0)
+    "Mask the lowest-scoring live hidden units of every MLP pair until `fraction` of its units are pruned"
+    with torch.no_grad():
+        for up, down in mlp_pairs(model):
+            alive = up.weight_mask[:, 0] > 0
+            extra = round(fraction * len(alive)) - int((~alive).sum())
+            if extra <= 0: continue
+            cut = unit_scores(up, down).masked_fill(~alive, float("inf")).topk(extra, largest=False).indices
+            up.weight_mask[cut] = 0; down.weight_mask[:, cut] = 0
 
-# %% ../nbs/04a_compression.ipynb #28196c6b
+# %% ../nbs/04a_compression.ipynb #c6d16826
 def pruned_fraction(model: nn.Module) -> float:
-    "Fraction of zero rows over the prunable layers"
-    rows = [(m.weight.detach().abs().sum(1) == 0) for _, m in prunable_linears(model)]
-    return float(torch.cat(rows).float().mean())
+    "Fraction of the MLP pairs' hidden units that are masked"
+    return float(torch.cat([up.weight_mask[:, 0] == 0 for up, _ in mlp_pairs(model)]).float().mean())
 
-# %% ../nbs/04a_compression.ipynb #7c30a92d
-def finish_pruning(model: nn.Module):
-    "Make the pruning permanent: fold the masks into the weights and drop them"
-    for _, m in prunable_linears(model): prune.remove(m, "weight")
+# %% ../nbs/04a_compression.ipynb #e6ab2058
+def shrink_pair(up: nn.Linear, down: nn.Linear, keep: torch.Tensor):
+    "Keep only the hidden units where `keep` is True: `up` loses rows (and bias entries), `down` loses columns"
+    up.weight = nn.Parameter(up.weight.detach()[keep].clone())
+    if up.bias is not None: up.bias = nn.Parameter(up.bias.detach()[keep].clone())
+    down.weight = nn.Parameter(down.weight.detach()[:, keep].clone())
+    up.out_features = down.in_features = int(keep.sum())
 
-# %% ../nbs/04a_compression.ipynb #bc38b306
+# %% ../nbs/04a_compression.ipynb #abc393f6
+def finish_pruning(model: nn.Module) -> int:
+    "Fold the masks into the weights and remove the pruned units (smaller layers); the number of parameters removed"
+    before = sum(p.numel() for p in model.parameters())
+    for up, down in mlp_pairs(model):
+        keep = up.weight_mask[:, 0] > 0
+        prune.remove(up, "weight"); prune.remove(down, "weight"); shrink_pair(up, down, keep)
+    return before - sum(p.numel() for p in model.parameters())
+
+# %% ../nbs/04a_compression.ipynb #6c098902
 def compressed_size_mb(state: dict) -> float:
     "Size in MB of the zlib-compressed (level 6) saved `state`"
     return len(zlib.compress(state_bytes(state), 6)) / 2**20

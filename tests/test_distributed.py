@@ -13,7 +13,8 @@ from bk_nbdev.benchmark import WikiText2Benchmark, launch_distributed
 from bk_nbdev.data import load_corpus
 from bk_nbdev.models import TransformerConfig, TransformerLM
 from bk_nbdev.runtime import init_distributed
-from bk_nbdev.training import TrainConfig, train
+from bk_nbdev.training import TrainConfig
+from bk_nbdev.trainer import train
 
 CFG = dict(epochs=2, batch_size=8, n_seq=32, lr=3e-3, warmup_steps=5, max_train_tokens=8 * 32 * 8, eval_batch_size=16)
 
