@@ -83,14 +83,15 @@ def chosen_section(study: Path) -> str:
             for p, r in picked.items()]
     return md_table(["preset", "chosen lr", "val ppl", "test ppl", "test ppl / Transformer"], rows)
 
-# %% ../nbs/07c_report.ipynb #02fbe4cf
+# %% ../nbs/07c_report.ipynb #6e6628eb
 def provenance_line(study: Path) -> str:
     "Commit(s), machine, threads and torch version of a study's runs, and its own note"
     runs, note = load_runs(study), json.loads((study/"provenance.json").read_text())
     m = runs[0]["metadata"]
-    commits = sorted({r["metadata"]["git_commit"][:7] for r in runs})
+    commits, seeds = sorted({r["metadata"]["git_commit"][:7] for r in runs}), sorted({r["metadata"]["seed"] for r in runs})
     return (f"Command: `{note['command']}`. Commit {', '.join(commits)}; {m['device_name']} ({m['device']}), "
-            f"{m['threads']} threads, torch {m['torch']}, seed {m['seed']}. {note['note']}")
+            f"{m['threads']} threads, torch {m['torch']}, seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}. "
+            f"{note['note']}")
 
 # %% ../nbs/07c_report.ipynb #39f15459
 def presets_section(study: Path) -> str:
