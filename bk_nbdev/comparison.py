@@ -19,7 +19,7 @@ from .training import OBSERVE_FIELDS
 # %% auto #0
 __all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'NOTES', 'VARIANTS', 'DEFAULTS', 'load_all_results', 'write_table', 'print_table',
            'role', 'model_table', 'bar_charts', 'standard_pairs', 'full_settings', 'ablation_configs',
-           'run_in_fresh_process', 'same_run', 'run_or_reuse', 'run_ablation', 'time_to_quality', 'ablation_table']
+           'run_in_fresh_process', 'same_run', 'run_or_reuse', 'time_to_quality', 'run_ablation', 'ablation_table']
 
 # %% ../nbs/07_comparison.ipynb #bdac0e23
 REQUIRED = [f.name for f in fields(BenchmarkResults)]
@@ -82,8 +82,6 @@ def model_table(results: dict[str, dict]) -> list[dict]:
 # %% ../nbs/07_comparison.ipynb #15f39609
 def bar_charts(results: dict[str, dict], path: str | Path, show: bool = False) -> Path:
     "FLOPs (with and without head), time, memory and size per model, as one PNG"
-    import matplotlib
-    if not show: matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = list(results)
     panels = [("GFLOPs per step", [results[n]["total_flops_per_step"] / 1e9 for n in names],
@@ -187,12 +185,6 @@ def run_or_reuse(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = 
     if p.exists() and same_run(json.loads(p.read_text())["config"], cfg): return json.loads(p.read_text())
     return run_in_fresh_process(cfg, output_dir, progress)
 
-# %% ../nbs/07_comparison.ipynb #16d9768f
-def run_ablation(base: str = "baseline", output_dir: str | Path = "benchmark_results/ablation", progress: bool = False,
-                 **overrides) -> dict[str, dict]:
-    "Run every ablation configuration, each in a fresh process (reusing finished results with an identical config)"
-    return {label: run_or_reuse(cfg, output_dir, progress) for label, cfg in ablation_configs(base, **overrides).items()}
-
 # %% ../nbs/07_comparison.ipynb #bd371079
 def _change(a, b):
     "Relative change of a against b (None when b is 0)"
@@ -204,6 +196,12 @@ def time_to_quality(r: dict, base: dict, tolerance: float = 0.01) -> dict:
     target = final_subset_perplexity(base) * (1 + tolerance)
     mine, theirs = (reach(subset_points(x["val_curve"]), target) for x in (r, base))
     return {f"{k}_to_base_ppl": "not reached" if mine is None else mine[k] / theirs[k] for k in POSITION}
+
+# %% ../nbs/07_comparison.ipynb #16d9768f
+def run_ablation(base: str = "baseline", output_dir: str | Path = "benchmark_results/ablation", progress: bool = False,
+                 **overrides) -> dict[str, dict]:
+    "Run every ablation configuration, each in a fresh process (reusing finished results with an identical config)"
+    return {label: run_or_reuse(cfg, output_dir, progress) for label, cfg in ablation_configs(base, **overrides).items()}
 
 # %% ../nbs/07_comparison.ipynb #96806bfa
 def ablation_table(runs: dict[str, dict]) -> list[dict]:

@@ -163,8 +163,6 @@ def scaling_study(max_n: int = 16_384, min_n: int = 128, tokens: int = 16_384, m
 # %% ../nbs/08_scaling.ipynb #571f5954
 def plot_scaling(study: dict, path: str | Path, show: bool = False) -> Path:
     "Log-log time per sequence (forward+backward) and peak memory against N, per part"
-    import matplotlib
-    if not show: matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     parts = sorted({r["part"] for r in study["rows"]}, key=PARTS.index)
     fig, axes = plt.subplots(2, len(parts), figsize=(5 * len(parts), 8), squeeze=False)
