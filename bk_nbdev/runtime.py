@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # %% auto #0
-__all__ = ['CACHE_ENV_VAR', 'cache_dir', 'atomic_write_bytes', 'state_bytes', 'model_size_mb', 'reset_peak_memory', 'peak_memory',
+__all__ = ['CACHE_ENV_VAR', 'cache_dir', 'atomic_write_bytes', 'state_bytes', 'model_size_mb', 'peak_memory', 'reset_peak_memory',
            'in_fresh_process', 'is_allocation_failure', 'dist_info', 'init_distributed', 'all_sum', 'resolve_device']
 
 # %% ../nbs/00a_runtime.ipynb #4195fb06
@@ -47,14 +47,6 @@ def model_size_mb(model_or_state: nn.Module | dict) -> float:
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     return len(state_bytes(state)) / 2**20
 
-# %% ../nbs/00a_runtime.ipynb #c2b3da8f
-def reset_peak_memory(device: str | torch.device):
-    "Start a new peak-memory measurement on `device`"
-    if torch.device(device).type == "cuda": torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try: Path("/proc/self/clear_refs").write_text("5")
-        except OSError: pass  # not Linux: the peak then covers the process's whole life (see peak_memory's label)
-
 # %% ../nbs/00a_runtime.ipynb #ea022084
 def peak_memory(device: str | torch.device) -> tuple[float, str]:
     "(peak MB since `reset_peak_memory`, what was measured)"
@@ -65,6 +57,14 @@ def peak_memory(device: str | torch.device) -> tuple[float, str]:
     except OSError: pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss_process_lifetime"
+
+# %% ../nbs/00a_runtime.ipynb #c2b3da8f
+def reset_peak_memory(device: str | torch.device):
+    "Start a new peak-memory measurement on `device`"
+    if torch.device(device).type == "cuda": torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try: Path("/proc/self/clear_refs").write_text("5")
+        except OSError: pass  # not Linux: the peak then covers the process's whole life (see peak_memory's label)
 
 # %% ../nbs/00a_runtime.ipynb #fdd8fe13
 def in_fresh_process(fn: str, *args):
