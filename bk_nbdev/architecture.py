@@ -43,6 +43,7 @@ class ConfigurableResNetBKConfig(ResNetBKConfig):
     use_early_exit: bool = False
     exit_threshold: float = 0.5      # the exit decision a token must reach to leave (inference, `exit_threshold=`)
     exit_weight: float = 0.1         # weight of the intermediate exits' cross-entropy
+    exit_sample: float = 1.0         # share of positions, drawn anew each step, on which the exits train (1: all)
 
     def __post_init__(self):
         super().__post_init__()
@@ -53,6 +54,7 @@ class ConfigurableResNetBKConfig(ResNetBKConfig):
         if not 0 < self.sparse_target < 1: raise ValueError(f"sparse_target must be in (0, 1), got {self.sparse_target}")
         if not 0 < self.act_epsilon < 1: raise ValueError(f"act_epsilon must be in (0, 1), got {self.act_epsilon}")
         if not 0 < self.exit_threshold <= 1: raise ValueError(f"exit_threshold must be in (0, 1], got {self.exit_threshold}")
+        if not 0 < self.exit_sample <= 1: raise ValueError(f"exit_sample must be in (0, 1], got {self.exit_sample}")
 
     def flags(self) -> dict[str, bool]: return {f: getattr(self, f) for f in ARCH_FLAGS}
 
@@ -330,10 +332,22 @@ def after_layer(self: EarlyExit, l: int, x: Tensor, x_new: Tensor) -> Tensor:
 
 # %% ../nbs/04_architecture.ipynb #3c035a33
 @patch
+def exit_positions(self: EarlyExit, targets: Tensor) -> Tensor | None:
+    "Flat indices of the positions the exits train on this step: a fresh random `exit_sample` share (None: all)"
+    if self.cfg.exit_sample >= 1: return None
+    n = targets.numel()
+    return torch.randperm(n, device=targets.device)[:max(1, round(self.cfg.exit_sample * n))]
+
+
+# %% ../nbs/04_architecture.ipynb #3230b34c
+@patch
 def head_loss(self: EarlyExit, model: nn.Module, targets: Tensor, nll: Tensor) -> Tensor:
-    exits = [model.nll(h, targets) for h in self.states]
+    pick = self.exit_positions(targets)
+    sub = (lambda t: t) if pick is None else (lambda t: t.flatten(0, 1)[pick][None])  # (1, k, ...): a batch of one
+    states, targets, nll = [sub(h) for h in self.states], sub(targets), sub(nll)
+    exits = [model.nll(h, targets) for h in states]
     fit = [F.binary_cross_entropy_with_logits(d(h.detach()).squeeze(-1), (e.detach() <= nll).to(h.dtype))
-           for d, h, e in zip(self.decide, self.states, exits)]
+           for d, h, e in zip(self.decide, states, exits)]
     return self.cfg.exit_weight * torch.stack([e.mean() for e in exits]).mean() + torch.stack(fit).mean()
 
 # %% ../nbs/04_architecture.ipynb #cd5f0559

@@ -116,15 +116,16 @@ CLAIMS = {  # what the original documentation claimed; "" where it stated no fig
     "use_multi_scale": "2x on middle layers", "use_sparse_bk": "1.8x at 50% sparsity", "use_early_exit": "(inference)",
     "use_curriculum": "", "use_active_learning": "50% less data", "all flags": "(the full preset)", "random half": "(control of active learning)",
     "int4 quantization": "(quantization's INT4 variant)", "act, ponder 0.1": "(ACT, 10x the ponder weight)",
-    "act, ponder 1": "(ACT, 100x the ponder weight)",
+    "act, ponder 1": "(ACT, 100x the ponder weight)", "early exit, 1/8 sampled": "(exits trained on 1/8 of positions)",
 }
 OWN_MEASURE = {  # the flag's own measurements: where they live in the results
     "use_physics_informed": [("model_stats", "energy_drift")],
     **{k: [("model_stats", "executed_depth"), ("flag_measurements", "trained_flops_without_head")]
        for k in ("use_act", "act, ponder 0.1", "act, ponder 1")},
     "use_sparse_bk": [("model_stats", "bk_sparsity")],
-    "use_early_exit": [("flag_measurements", k) for k in ("early_exit_test_perplexity", "early_exit_mean_layer",
-                                                          "early_exit_speedup", "early_exit_flops_ratio")],
+    **{k: [("flag_measurements", m) for m in ("early_exit_test_perplexity", "early_exit_mean_layer",
+                                              "early_exit_speedup", "early_exit_flops_ratio")]
+       for k in ("use_early_exit", "early exit, 1/8 sampled")},
     "use_quantization": [("flag_measurements", "artifact_size_mb"), ("flag_measurements", "artifact_test_perplexity")],
     "use_pruning": [("flag_measurements", k) for k in ("pruned_fraction", "pruned_params", "artifact_size_mb",
                                                        "artifact_test_perplexity")],
@@ -139,6 +140,7 @@ VARIANTS = {  # rows that are not one flag alone: label -> (the fields they set,
     "int4 quantization": ({"use_quantization": True, "quant_bits": 4}, "quantization_int4"),
     "act, ponder 0.1": ({"use_act": True, "ponder_weight": 0.1}, "act_ponder0.1"),  # ACT's curve: depth against quality
     "act, ponder 1": ({"use_act": True, "ponder_weight": 1.0}, "act_ponder1"),
+    "early exit, 1/8 sampled": ({"use_early_exit": True, "exit_sample": 0.125}, "early_exit_sample8"),
 }
 
 # %% ../nbs/07_comparison.ipynb #eabe0864
