@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.utils.flop_counter as fc
 from torch.utils.flop_counter import FlopCounterMode
+from fastcore.basics import patch
 
 import bk_nbdev.bk_core  # registers the BK-Core FLOP formulas
 
@@ -179,51 +180,61 @@ class FLOPsCounter:
         cfg = getattr(self.model, "cfg", None)
         return hasattr(cfg, "num_experts") or any(getattr(cfg, f, False) for f in ("use_act", "use_early_exit"))
 
-    def count_total_flops(self, tokens: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> FLOPsResult:
-        "Count one training step (forward with loss, backward, optimizer) on `tokens` (default: a random batch)"
-        m = self.model
-        dev = next(m.parameters()).device
-        counted_on = "random tokens" if tokens is None else "the given batch"
-        if tokens is None:
-            g = torch.Generator().manual_seed(0)
-            tokens = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g).to(dev)
-            tokens, targets = tokens[:, :-1], tokens[:, 1:]
-        elif targets is None: raise ValueError("pass targets with tokens")
-        was_training = m.training
-        m.train()
-        m.zero_grad(set_to_none=True)
-        try:
-            with torch.random.fork_rng(devices=[]):  # counting must not change the caller's random stream (dropout)
-                fwd, bwd, step = measure_step(lambda: m.loss(tokens, targets)[0])
-        finally:
-            m.zero_grad(set_to_none=True); m.train(was_training)
-        top, counts = type(m).__name__, step.get_flop_counts()
-        by_module = {k: sum(v.values()) for k, v in counts.items()}
-        both, blocks = defaultdict(int), defaultdict(int)
-        for name, n in by_module.items():
-            part = _part(name)
-            if part and not _part(name.rsplit(".", 1)[0]): both[part] += n  # count each part at its outermost module
-            p = name.split(".")
-            if len(p) == 3 and p[1] == "blocks": blocks[f"block {p[2]}"] += n
-        loss_ops = lambda key: sum(n for op, n in counts.get(key, {}).items() if op in LOSS_OPS)
-        loss = loss_ops("Global") - loss_ops(f"{top}.head")  # a head that computes the loss counts it as its own
-        breakdown = {**{k: both[k] for k in ("embedding", "attention", "bk_core", "ffn", "moe_ffn", "lm_head") if k in both},
-                     **dict(sorted(blocks.items())), "loss": loss}
-        return FLOPsResult(forward=fwd.get_total_flops(), backward=bwd.get_total_flops(),
-                           optimizer=optimizer_flops(m, self.optimizer), breakdown=breakdown,
-                           head=both.get("lm_head", 0), loss=loss, closed_form=self.closed_form(tokens.shape),
-                           input_dependent=self.input_dependent(), batch_size=tokens.shape[0], seq_len=tokens.shape[1],
-                           optimizer_name=self.optimizer, counted_on=counted_on)
+# %% ../nbs/02_flops.ipynb #5bf5f0cb
+@patch
+def closed_form(self: FLOPsCounter, shape) -> int:
+    "6 * (active non-embedding parameters) * tokens, plus 6 * L * N * d * tokens for attention"
+    m, (B, N) = self.model, shape
+    emb = sum(p.numel() for n, p in m.named_parameters() if n.split(".")[0] in ("tok_emb", "pos_emb"))
+    if getattr(m.cfg, "tie_weights", False): emb -= m.tok_emb.weight.numel()  # the tied head still computes
+    active = sum(p.numel() for p in m.parameters()) - emb
+    cfg = m.cfg
+    if hasattr(cfg, "num_experts"):  # only top_k of num_experts experts run per token
+        per_expert = sum(p.numel() for p in m.blocks[0].layer.moe.experts[0].parameters())
+        active -= cfg.n_layers * (cfg.num_experts - cfg.top_k) * per_expert
+    attention = 6 * cfg.n_layers * N * cfg.d_model * B * N if hasattr(cfg, "n_heads") else 0
+    return 6 * active * B * N + attention
 
-    def closed_form(self, shape) -> int:
-        "6 * (active non-embedding parameters) * tokens, plus 6 * L * N * d * tokens for attention"
-        m, (B, N) = self.model, shape
-        emb = sum(p.numel() for n, p in m.named_parameters() if n.split(".")[0] in ("tok_emb", "pos_emb"))
-        if getattr(m.cfg, "tie_weights", False): emb -= m.tok_emb.weight.numel()  # the tied head still computes
-        active = sum(p.numel() for p in m.parameters()) - emb
-        cfg = m.cfg
-        if hasattr(cfg, "num_experts"):  # only top_k of num_experts experts run per token
-            per_expert = sum(p.numel() for p in m.blocks[0].layer.moe.experts[0].parameters())
-            active -= cfg.n_layers * (cfg.num_experts - cfg.top_k) * per_expert
-        attention = 6 * cfg.n_layers * N * cfg.d_model * B * N if hasattr(cfg, "n_heads") else 0
-        return 6 * active * B * N + attention
+# %% ../nbs/02_flops.ipynb #9b97e477
+def _breakdown(counts: dict, top: str) -> tuple[dict, int, int]:
+    "The parts, then blocks, then loss of a FlopCounterMode's per-module counts; also the head's FLOPs and the loss's"
+    by_module = {k: sum(v.values()) for k, v in counts.items()}
+    both, blocks = defaultdict(int), defaultdict(int)
+    for name, n in by_module.items():
+        part = _part(name)
+        if part and not _part(name.rsplit(".", 1)[0]): both[part] += n  # count each part at its outermost module
+        p = name.split(".")
+        if len(p) == 3 and p[1] == "blocks": blocks[f"block {p[2]}"] += n
+    loss_ops = lambda key: sum(n for op, n in counts.get(key, {}).items() if op in LOSS_OPS)
+    loss = loss_ops("Global") - loss_ops(f"{top}.head")  # a head that computes the loss counts it as its own
+    breakdown = {**{k: both[k] for k in ("embedding", "attention", "bk_core", "ffn", "moe_ffn", "lm_head") if k in both},
+                 **dict(sorted(blocks.items())), "loss": loss}
+    return breakdown, both.get("lm_head", 0), loss
+
+# %% ../nbs/02_flops.ipynb #6209bc5f
+@patch
+def count_total_flops(self: FLOPsCounter, tokens: torch.Tensor | None = None,
+                      targets: torch.Tensor | None = None) -> FLOPsResult:
+    "Count one training step (forward with loss, backward, optimizer) on `tokens` (default: a random batch)"
+    m = self.model
+    dev = next(m.parameters()).device
+    counted_on = "random tokens" if tokens is None else "the given batch"
+    if tokens is None:
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g).to(dev)
+        tokens, targets = tokens[:, :-1], tokens[:, 1:]
+    elif targets is None: raise ValueError("pass targets with tokens")
+    was_training = m.training
+    m.train()
+    m.zero_grad(set_to_none=True)
+    try:
+        with torch.random.fork_rng(devices=[]):  # counting must not change the caller's random stream (dropout)
+            fwd, bwd, step = measure_step(lambda: m.loss(tokens, targets)[0])
+    finally:
+        m.zero_grad(set_to_none=True); m.train(was_training)
+    breakdown, head, loss = _breakdown(step.get_flop_counts(), type(m).__name__)
+    return FLOPsResult(forward=fwd.get_total_flops(), backward=bwd.get_total_flops(),
+                       optimizer=optimizer_flops(m, self.optimizer), breakdown=breakdown, head=head, loss=loss,
+                       closed_form=self.closed_form(tokens.shape), input_dependent=self.input_dependent(),
+                       batch_size=tokens.shape[0], seq_len=tokens.shape[1], optimizer_name=self.optimizer,
+                       counted_on=counted_on)
