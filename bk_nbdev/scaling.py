@@ -119,20 +119,13 @@ PARTS = ("layer", "model_no_head", "model")
 MODELS = tuple(MODEL_TYPES)
 
 # %% ../nbs/08_scaling.ipynb #138b6c04
-def scaling_study(max_n: int = 16_384, min_n: int = 128, tokens: int = 16_384, max_seconds: float = 30.0,
-                  parts=PARTS, d_model: int = 64, n_layers: int = 4, vocab_size: int = 33_278, repeat: int = 2,
-                  fit_from: int = 1024, verbose: bool = True, memory: bool = True, models=MODELS,
-                  memory_limit_mb: float | None = None) -> dict:
-    "Measure `models` for N = min_n, 2 min_n, ..., max_n; fit slopes; find crossovers; FLOPs ratio at N=2048 (both models)"
+def _measure_rows(models, parts, lengths: list[int], max_seconds: float, verbose: bool, **measure_kw) -> tuple[list, dict]:
+    "Each model's parts at growing N, a row ending when N does, memory runs out or a step takes over `max_seconds`"
     rows, stopped = [], {}
-    lengths = [min_n * 2 ** i for i in range(int(math.log2(max_n // min_n)) + 1)]
-    bad = [m for m in models if m not in MODELS]
-    if bad or not models: raise ValueError(f"models {list(models)!r}: valid ones are {', '.join(MODELS)}")
     for mt in models:
         for part in parts:
             for N in lengths:
-                try: r = measure(mt, part, N, tokens, repeat, memory, memory_limit_mb,
-                                 d_model=d_model, n_layers=n_layers, vocab_size=vocab_size)
+                try: r = measure(mt, part, N, **measure_kw)
                 except Exception as e:
                     if not is_allocation_failure(e): raise  # only running out of memory ends a row; a bug fails the study
                     stopped[f"{mt}/{part}"] = f"N={N}: {type(e).__name__}: {str(e)[:120]}"; break
@@ -141,24 +134,44 @@ def scaling_study(max_n: int = 16_384, min_n: int = 128, tokens: int = 16_384, m
                                   f"fwd+bwd {r['fwd_bwd_s']:8.4f} s  peak {r.get('peak_mem_mb', float('nan')):8.1f} MB", flush=True)
                 if r["fwd_bwd_s"] > max_seconds:
                     stopped[f"{mt}/{part}"] = f"N={N}: forward+backward took {r['fwd_bwd_s']:.1f} s > {max_seconds} s"; break
+    return rows, stopped
+
+# %% ../nbs/08_scaling.ipynb #efb6ae74
+def _slopes(rows: list[dict], models, parts, fit_from: int) -> dict:
+    "The fitted slope of each model's part, forward and forward+backward"
     slopes = {}
     for mt in models:
         for part in parts:
-            sel = [r for r in rows if r["model"] == mt and r["part"] == part]
+            s = [r for r in rows if r["model"] == mt and r["part"] == part]
             for key in ("fwd_s", "fwd_bwd_s"):
-                slopes[f"{mt}/{part}/{key}"] = fit_slope([r["N"] for r in sel], [r[key] for r in sel],
-                                                         [r["tokens"] for r in sel], fit_from)
-    flops = {}
-    if 2048 <= max_n and set(models) == set(MODELS):
-        B = max(1, tokens // 2048)
-        f = {mt: FLOPsCounter(build(mt, 2048, d_model, n_layers, vocab_size), B, 2048).count_total_flops()
-             for mt in ("transformer", "resnet_bk")}
-        flops = {"N": 2048, "batch": B,
-                 "transformer_over_resnet_bk": f["transformer"].total / f["resnet_bk"].total,
-                 "transformer_over_resnet_bk_without_head": f["transformer"].total_without_head / f["resnet_bk"].total_without_head}
-    return {"rows": rows, "slopes": slopes, "crossover": {p: crossover(rows, p) for p in parts}, "stopped": stopped,
-            "flops_at_2048": flops, "settings": dict(max_n=max_n, min_n=min_n, tokens=tokens, max_seconds=max_seconds,
-            d_model=d_model, n_layers=n_layers, vocab_size=vocab_size, fit_from=fit_from, models=list(models), memory_limit_mb=memory_limit_mb, threads=torch.get_num_threads())}
+                slopes[f"{mt}/{part}/{key}"] = fit_slope([r["N"] for r in s], [r[key] for r in s], [r["tokens"] for r in s], fit_from)
+    return slopes
+
+# %% ../nbs/08_scaling.ipynb #6537ee0e
+def _flops_at_2048(tokens: int, **model_kw) -> dict:
+    "Transformer over ResNet-BK FLOPs per training step at N = 2048, with and without the head"
+    B = max(1, tokens // 2048)
+    f = {mt: FLOPsCounter(build(mt, 2048, **model_kw), B, 2048).count_total_flops() for mt in ("transformer", "resnet_bk")}
+    return {"N": 2048, "batch": B, "transformer_over_resnet_bk": f["transformer"].total / f["resnet_bk"].total,
+            "transformer_over_resnet_bk_without_head": f["transformer"].total_without_head / f["resnet_bk"].total_without_head}
+
+# %% ../nbs/08_scaling.ipynb #615ad0bf
+def scaling_study(max_n: int = 16_384, min_n: int = 128, tokens: int = 16_384, max_seconds: float = 30.0,
+                  parts=PARTS, d_model: int = 64, n_layers: int = 4, vocab_size: int = 33_278, repeat: int = 2,
+                  fit_from: int = 1024, verbose: bool = True, memory: bool = True, models=MODELS,
+                  memory_limit_mb: float | None = None) -> dict:
+    "Measure `models` for N = min_n, 2 min_n, ..., max_n; fit slopes; find crossovers; FLOPs ratio at N=2048 (both models)"
+    bad = [m for m in models if m not in MODELS]
+    if bad or not models: raise ValueError(f"models {list(models)!r}: valid ones are {', '.join(MODELS)}")
+    lengths = [min_n * 2 ** i for i in range(int(math.log2(max_n // min_n)) + 1)]
+    model_kw = dict(d_model=d_model, n_layers=n_layers, vocab_size=vocab_size)
+    rows, stopped = _measure_rows(models, parts, lengths, max_seconds, verbose, tokens=tokens, repeat=repeat,
+                                  memory=memory, memory_limit_mb=memory_limit_mb, **model_kw)
+    flops = _flops_at_2048(tokens, **model_kw) if 2048 <= max_n and set(models) == set(MODELS) else {}
+    return {"rows": rows, "slopes": _slopes(rows, models, parts, fit_from), "crossover": {p: crossover(rows, p) for p in parts},
+            "stopped": stopped, "flops_at_2048": flops,
+            "settings": dict(max_n=max_n, min_n=min_n, tokens=tokens, max_seconds=max_seconds, **model_kw, fit_from=fit_from,
+                             models=list(models), memory_limit_mb=memory_limit_mb, threads=torch.get_num_threads())}
 
 # %% ../nbs/08_scaling.ipynb #571f5954
 def plot_scaling(study: dict, path: str | Path, show: bool = False) -> Path:
