@@ -6,7 +6,7 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/benchmark.html.md"""
 
 # %% ../nbs/06_benchmark.ipynb #b7fadec3
 from __future__ import annotations
-import datetime, json, os, platform, subprocess, sys
+import datetime, json, os, platform, re, subprocess, sys
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -24,8 +24,8 @@ from .trainer import train
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['BenchmarkResults', 'run_metadata', 'results_of', 'WikiText2Benchmark', 'worker_main', 'launch_distributed',
-           'benchmark_notebook', 'run_presets', 'main']
+__all__ = ['BenchmarkResults', 'cpu_model', 'run_metadata', 'results_of', 'WikiText2Benchmark', 'worker_main',
+           'launch_distributed', 'benchmark_notebook', 'run_presets', 'main']
 
 # %% ../nbs/06_benchmark.ipynb #3ade9f26
 @dataclass
@@ -65,6 +65,13 @@ class BenchmarkResults:
 
     def to_json(self) -> str: return json.dumps(asdict(self), indent=2, allow_nan=False)
 
+# %% ../nbs/06_benchmark.ipynb #053a1236
+def cpu_model() -> str:
+    "The CPU's model name: from `/proc/cpuinfo` on Linux, else what `platform` knows"
+    info = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", info.read_text(), re.M) if info.exists() else []
+    return names[0].strip() if names else platform.processor() or platform.machine()
+
 # %% ../nbs/06_benchmark.ipynb #35a5adbc
 def _git_commit() -> str:
     try:
@@ -74,7 +81,8 @@ def _git_commit() -> str:
 
 def run_metadata(device: torch.device, seed: int) -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "bk_nbdev": bk_nbdev.__version__,
-            "git_commit": _git_commit(), "device": str(device),
+            "git_commit": _git_commit(), "device": str(device), "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "bf16_native": bf16_is_fast(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "seed": seed}
