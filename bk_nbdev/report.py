@@ -170,15 +170,15 @@ def exit_section(study: Path, base: str) -> str:
     return md_table(["exit threshold", "validation ppl", "mean exit layer", "eval speed-up", "FLOPs per token"], rows)
 
 # %% ../nbs/07c_report.ipynb #d138d841
-def seeds_section(study: Path) -> str:
-    "Mean ± standard deviation over seeds per preset; each difference from the Transformer's test ppl, resolved or not"
+def seeds_section(study: Path, reference: str) -> str:
+    "Mean ± standard deviation over seeds per run; each difference from run `reference`'s test ppl, resolved or not"
     rows = json.loads((study/"seed_summary.json").read_text())
     pm = lambda r, k, f: f"{r[k]:{f}} ± {r[k + '_sd']:{f}}"
-    table = md_table(["preset", "seeds", "val ppl", "test ppl", "s/step"], [[r["preset"], r["seeds"], pm(r, "val_ppl", ",.1f"),
+    table = md_table(["run", "seeds", "val ppl", "test ppl", "s/step"], [[r["run"], r["seeds"], pm(r, "val_ppl", ",.1f"),
                      pm(r, "test_ppl", ",.1f"), pm(r, "seconds_per_step", ".3f")] for r in rows])
-    t = next(r for r in rows if load_preset(r["preset"]).model_type == "transformer")
-    said = [(r["preset"], *resolved(r, t)) for r in rows if r is not t]
-    return table + "\n\n" + "; ".join(f"{p} − {t['preset']}: {d:+,.1f} test ppl, {'resolved' if ok else 'not resolved'} "
+    t = next(r for r in rows if r["run"] == reference)
+    said = [(r["run"], *resolved(r, t)) for r in rows if r is not t]
+    return table + "\n\n" + "; ".join(f"{p} − {reference}: {d:+,.1f} test ppl, {'resolved' if ok else 'not resolved'} "
                                       f"(2σ of a difference: {b:,.1f})" for p, d, b, ok in said) + "."
 
 # %% ../nbs/07c_report.ipynb #e46a7d3e
@@ -227,7 +227,7 @@ def ablation_part(ref: Path) -> list[str]:
             ablation_section(ref/"ablation", "baseline_quick"),
             "**Early exit at inference**, the ablation's early-exit row over its exit threshold (validation split):",
             exit_section(ref/"ablation", "baseline_quick"), provenance_line(ref/"ablation"),
-            "**Seeds.** Quick presets from several seeds, run interleaved (A B A B…; 07b):", seeds_section(ref/"seeds"),
+            "**Seeds.** Quick presets from several seeds, run interleaved (A B A B…; 07b):", seeds_section(ref/"seeds", "transformer_quick"),
             provenance_line(ref/"seeds")]
 
 # %% ../nbs/07c_report.ipynb #50888d0e

@@ -1,4 +1,4 @@
-"""The same presets from several seeds, run interleaved: the spread of perplexity and of time per step, and whether a difference between two models is larger than that spread.
+"""The same runs — presets or rows of 07's ablation — from several seeds, interleaved: the spread of perplexity and of time per step, and whether a difference between two runs is larger than that spread.
 
 Docs: https://bk-nbdev.github.io/bk_nbdev/seeds.html.md"""
 
@@ -10,29 +10,40 @@ import math, statistics
 from dataclasses import replace
 from pathlib import Path
 
-from .comparison import print_table, run_or_reuse, write_table
+from .comparison import ablation_configs, print_table, run_or_reuse, write_table
 from .config import BenchmarkConfig, load_preset
 from fastcore.imports import in_ipython
 
 # %% auto #0
-__all__ = ['FIGURES', 'seed_configs', 'run_seeds', 'seed_summary', 'resolved', 'main']
+__all__ = ['FIGURES', 'seeded', 'seed_configs', 'ablation_seed_configs', 'run_seeds', 'seed_summary', 'resolved', 'main']
 
 # %% ../nbs/07b_seeds.ipynb #6e8255c6
-def seed_configs(presets: list[str], seeds: list[int], **overrides) -> dict[tuple[str, int], BenchmarkConfig]:
-    "(preset, seed) -> the preset's config with that seed, under its own model name; interleaved: A B A B ..."
+def seeded(configs: dict[str, BenchmarkConfig], seeds: list[int]) -> dict[tuple[str, int], BenchmarkConfig]:
+    "(label, seed) -> config `label` with that seed, under its own model name; interleaved: A B A B ..."
     if len(set(seeds)) < 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"seeds must be at least two distinct non-negative integers (a spread needs two), got {seeds!r}")
-    base = {p: load_preset(p, **overrides) for p in presets}
-    return {(p, s): replace(c, seed=s, model_name=f"{c.model_name}_seed{s}") for s in seeds for p, c in base.items()}
+    return {(k, s): replace(c, seed=s, model_name=f"{c.model_name}_seed{s}") for s in seeds for k, c in configs.items()}
+
+# %% ../nbs/07b_seeds.ipynb #521a0995
+def seed_configs(presets: list[str], seeds: list[int], **overrides) -> dict[tuple[str, int], BenchmarkConfig]:
+    "(preset, seed) -> the preset's config with that seed"
+    return seeded({p: load_preset(p, **overrides) for p in presets}, seeds)
+
+# %% ../nbs/07b_seeds.ipynb #0609f142
+def ablation_seed_configs(base: str, rows: list[str], seeds: list[int], **overrides) -> dict[tuple[str, int], BenchmarkConfig]:
+    "(row label, seed) -> that row of `base`'s ablation (07's `ablation_configs`) with that seed"
+    table = ablation_configs(base, **overrides)
+    if unknown := [r for r in rows if r not in table]:
+        raise ValueError(f"no ablation rows {unknown!r}; the rows are {list(table)!r}")
+    return seeded({r: table[r] for r in rows}, seeds)
 
 # %% ../nbs/07b_seeds.ipynb #ef8f7c98
-def run_seeds(presets: list[str], seeds: list[int], output_dir: str | Path, progress: bool = False,
-              **overrides) -> list[dict]:
-    "Run (or read back) every (preset, seed), interleaved; one row per run"
+def run_seeds(runs: dict[tuple[str, int], BenchmarkConfig], output_dir: str | Path, progress: bool = False) -> list[dict]:
+    "Run (or read back) every (label, seed) of `runs`, in order; one row per run"
     rows = []
-    for (preset, seed), cfg in seed_configs(presets, seeds, **overrides).items():
+    for (label, seed), cfg in runs.items():
         r = run_or_reuse(cfg, output_dir, progress)
-        rows.append({"preset": preset, "seed": seed, "val_ppl": r["best_perplexity"], "test_ppl": r["test_perplexity"],
+        rows.append({"run": label, "seed": seed, "val_ppl": r["best_perplexity"], "test_ppl": r["test_perplexity"],
                      "seconds_per_step": r["training_time"] / r["steps"]})
     return rows
 
@@ -40,10 +51,10 @@ def run_seeds(presets: list[str], seeds: list[int], output_dir: str | Path, prog
 FIGURES = ("val_ppl", "test_ppl", "seconds_per_step")
 
 def seed_summary(rows: list[dict]) -> list[dict]:
-    "Per preset: the number of seeds, and the mean and sample standard deviation (`_sd`) of each of `FIGURES`"
+    "Per run: the number of seeds, and the mean and sample standard deviation (`_sd`) of each of `FIGURES`"
     out = []
-    for p in dict.fromkeys(r["preset"] for r in rows):
-        mine, row = [r for r in rows if r["preset"] == p], {"preset": p}
+    for p in dict.fromkeys(r["run"] for r in rows):
+        mine, row = [r for r in rows if r["run"] == p], {"run": p}
         row["seeds"] = len(mine)
         for k in FIGURES:
             v = [r[k] for r in mine]
@@ -59,13 +70,17 @@ def resolved(a: dict, b: dict, key: str = "test_ppl") -> tuple[float, float, boo
 
 # %% ../nbs/07b_seeds.ipynb #3214d849
 def main(argv: list[str] | None = None):
-    "Command line: python -m bk_nbdev.seeds --presets P [P ...] --seeds S [S ...] --output-dir DIR"
+    "Command line: python -m bk_nbdev.seeds (--presets P [P ...] | --ablation BASE --rows R [R ...]) --seeds S [S ...] --output-dir DIR"
     import argparse
-    ap = argparse.ArgumentParser(prog="python -m bk_nbdev.seeds", description="The presets from several seeds, interleaved.")
-    ap.add_argument("--presets", nargs="+", required=True); ap.add_argument("--seeds", nargs="+", type=int, required=True)
+    ap = argparse.ArgumentParser(prog="python -m bk_nbdev.seeds", description="Presets or ablation rows from several seeds, interleaved.")
+    kind = ap.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--presets", nargs="+"); kind.add_argument("--ablation", metavar="BASE")
+    ap.add_argument("--rows", nargs="+"); ap.add_argument("--seeds", nargs="+", type=int, required=True)
     ap.add_argument("--output-dir", required=True)
     a = ap.parse_args(argv)
-    rows = run_seeds(a.presets, a.seeds, a.output_dir)
+    if bool(a.ablation) != bool(a.rows): ap.error("--rows goes with --ablation, and --ablation needs --rows")
+    runs = ablation_seed_configs(a.ablation, a.rows, a.seeds) if a.ablation else seed_configs(a.presets, a.seeds)
+    rows = run_seeds(runs, a.output_dir)
     write_table(rows, Path(a.output_dir)/"seeds"); write_table(seed_summary(rows), Path(a.output_dir)/"seed_summary")
     print_table(seed_summary(rows))
 
