@@ -20,9 +20,9 @@ from fastcore.imports import in_ipython
 
 # %% auto #0
 __all__ = ['project_root', 'md_table', 'sweep_section', 'load_runs', 'models_section', 'transformer_of', 'chosen_section',
-           'provenance_line', 'presets_section', 'ratio_words', 'claims_section', 'reach_line', 'pct',
-           'ablation_section', 'exit_section', 'seeds_section', 'budget_line', 'plot_sweep', 'answer_part',
-           'ablation_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+           'machine_of', 'provenance_line', 'presets_section', 'ratio_words', 'time_claim', 'claims_section',
+           'reach_line', 'pct', 'ablation_section', 'exit_section', 'seeds_section', 'budget_line', 'plot_sweep',
+           'answer_part', 'ablation_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/07c_report.ipynb #6f1bf6a6
 def project_root() -> Path:
@@ -83,13 +83,19 @@ def chosen_section(study: Path) -> str:
             for p, r in picked.items()]
     return md_table(["preset", "chosen lr", "val ppl", "test ppl", "test ppl / Transformer"], rows)
 
+# %% ../nbs/07c_report.ipynb #bec3be4b
+def machine_of(meta: dict) -> str:
+    "The machine in a run's `metadata`: CPU model and vector capability where recorded, and the device"
+    cpu = f"{meta['cpu']} with {meta['cpu_capability']}" if "cpu_capability" in meta else meta["device_name"]
+    return f"{cpu} ({meta['device']})"
+
 # %% ../nbs/07c_report.ipynb #6e6628eb
 def provenance_line(study: Path) -> str:
-    "Commit(s), machine, threads and torch version of a study's runs, and its own note"
+    "Commit(s), machine(s), threads and torch version of a study's runs, and its own note"
     runs, note = load_runs(study), json.loads((study/"provenance.json").read_text())
-    m = runs[0]["metadata"]
+    m, machines = runs[0]["metadata"], "; ".join(dict.fromkeys(machine_of(r["metadata"]) for r in runs))
     commits, seeds = sorted({r["metadata"]["git_commit"][:7] for r in runs}), sorted({r["metadata"]["seed"] for r in runs})
-    return (f"Command: `{note['command']}`. Commit {', '.join(commits)}; {m['device_name']} ({m['device']}), "
+    return (f"Command: `{note['command']}`. Commit {', '.join(commits)}; {machines}, "
             f"{m['threads']} threads, torch {m['torch']}, seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}. "
             f"{note['note']}")
 
@@ -110,22 +116,34 @@ def ratio_words(x: float, less: str, more: str) -> str:
     "x as 'x× less' when x >= 1, else as '(1/x)× more' (so that no figure reads '0.49× less')"
     return f"{x:.2f}× {less}" if x >= 1 else f"{1 / x:.2f}× {more}"
 
+# %% ../nbs/07c_report.ipynb #ada1fcc0
+def time_claim(f: dict, t: dict, same_machine: bool = True) -> list:
+    "The training-time claim of run `f` against `t`: seconds on one machine, else training FLOPs and no verdict (None)"
+    if same_machine:
+        speed = t["training_time"] / f["training_time"]
+        return ["training time", "5–10× less", ratio_words(speed, "less", "more"), speed >= 5]
+    flops = t["total_training_flops"] / f["total_training_flops"]
+    return ["training time", "5–10× less", "not comparable: the runs ran on different machines (training FLOPs: "
+            f"{ratio_words(flops, 'fewer', 'more')})", None]
+
 # %% ../nbs/07c_report.ipynb #e7ab8525
-def claims_section(study: Path, full: str, transformer: str) -> str:
+def claims_section(study: Path, full: str, transformer: str,
+                   same_machine: bool = True, # whether the two runs ran on one machine (else their seconds do not compare)
+                  ) -> str:
     "The original's claims for model `full` against `transformer`, measured in `study`, and whether each held"
     runs = {r["model_name"]: r for r in load_runs(study)}
     f, t = runs[full], runs[transformer]
-    ppl, speed = f["test_perplexity"] / t["test_perplexity"], t["training_time"] / f["training_time"]
+    ppl = f["test_perplexity"] / t["test_perplexity"]
     mem, size = 1 - f["peak_memory_mb"] / t["peak_memory_mb"], t["model_size_mb"] / f["model_size_mb"]
     rows = [["test perplexity", "within 30% (≤ 1.3×)", f"{ppl:.2f}×", ppl <= 1.3],
-            ["training time", "5–10× less", ratio_words(speed, "less", "more"), speed >= 5],
+            time_claim(f, t, same_machine),
             ["peak memory", "30–50% less", f"{mem:.0%} less" if mem >= 0 else f"{-mem:.0%} more", mem >= 0.3],
             ["size (state dict)", "4–100× smaller", ratio_words(size, "smaller", "larger"), size >= 4]]
     if "artifact_size_mb" in (fm := f["flag_measurements"]):
         art = t["model_size_mb"] / fm["artifact_size_mb"]
         rows.append([f"size (INT{f['config']['quant_bits']} artifact)", "4–100× smaller", ratio_words(art, "smaller", "larger")
                      + f" (test ppl {fm['artifact_test_perplexity']:,.1f} after loading)", art >= 4])
-    return md_table(["claim", "promised", "measured", "held"], [[*r[:3], "yes" if r[3] else "no"] for r in rows])
+    return md_table(["claim", "promised", "measured", "held"], [[*r[:3], {True: "yes", False: "no", None: "-"}[r[3]]] for r in rows])
 
 # %% ../nbs/07c_report.ipynb #79d55851
 def reach_line(study: Path, transformer: str) -> str:
