@@ -24,7 +24,7 @@ from .data import Corpus, EOS, batchify
 from .evaluation import evaluate
 from .flops import FLOPsCounter
 from .runtime import atomic_write_bytes, all_sum, dist_info, state_bytes
-from .training_flags import autocast, epoch_lengths, keep_windows, precision, window_batch, window_losses
+from .training_flags import autocast, epoch_lengths, keep_windows, precision, run_steps, window_batch, window_losses
 
 # %% auto #0
 __all__ = ['TRAIN_FLAGS', 'OBSERVE_FIELDS', 'TrainConfig', 'train_streams', 'warmup_cosine', 'TrainResult', 'TrainRun',
@@ -164,7 +164,7 @@ class TrainRun:
     device: torch.device
     data: torch.Tensor                 # this rank's training streams
     budget: int                        # columns an epoch reads
-    total_steps: int                   # the schedule's length
+    total_steps: int                   # nominal steps (epochs × budget / n_seq)
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
     amp_dtype: torch.dtype | None
@@ -196,10 +196,12 @@ def start_run(model: nn.Module, corpus: Corpus, cfg: TrainConfig, device: torch.
     if cfg.use_pruning: start_pruning(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     data, budget = train_streams(corpus, cfg, rank, world, device)
-    total_steps = budget // cfg.n_seq * cfg.epochs  # the schedule's length (without curriculum)
+    total_steps = budget // cfg.n_seq * cfg.epochs  # nominal steps: the curriculum's and pruning's clock
+    curriculum = cfg.curriculum_fraction if cfg.use_curriculum else None
+    sched = warmup_cosine(opt, cfg.warmup_steps, run_steps(total_steps, cfg.n_seq, budget, cfg.epochs, curriculum))
     amp_dtype, scaler = precision(cfg.use_mixed_precision, device)
     step_loss = DDP(_LossModule(model), find_unused_parameters=True) if world > 1 else model.loss
-    return TrainRun(cfg, model, device, data, budget, total_steps, opt, warmup_cosine(opt, cfg.warmup_steps, total_steps),
+    return TrainRun(cfg, model, device, data, budget, total_steps, opt, sched,
                     amp_dtype, scaler, step_loss, _StepFlops(model), validation_subset(corpus.validation, cfg.val_tokens),
                     corpus.vocab.stoi[EOS])
 

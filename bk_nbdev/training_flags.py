@@ -14,8 +14,8 @@ import torch.nn as nn
 from .head import bf16_is_fast
 
 # %% auto #0
-__all__ = ['autocast_dtype', 'precision', 'autocast', 'curriculum_length', 'epoch_lengths', 'window_losses', 'keep_windows',
-           'window_batch']
+__all__ = ['autocast_dtype', 'precision', 'autocast', 'curriculum_length', 'epoch_lengths', 'run_steps', 'window_losses',
+           'keep_windows', 'window_batch']
 
 # %% ../nbs/04b_training_flags.ipynb #0e476210
 def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
@@ -56,6 +56,13 @@ def epoch_lengths(step: int, total_steps: int, n_seq: int, budget: int, curricul
         L = n_seq if curriculum is None else curriculum_length(s, total_steps, n_seq, curriculum)
         if pos + L > budget: return lengths
         lengths.append(L); pos += L
+
+# %% ../nbs/04b_training_flags.ipynb #0e26d52e
+def run_steps(total_steps: int, n_seq: int, budget: int, epochs: int, curriculum: float | None = None) -> int:
+    "Steps of a whole run of `epochs` epochs of `budget` columns each, the curriculum's short steps included"
+    step = 0
+    for _ in range(epochs): step += len(epoch_lengths(step, total_steps, n_seq, budget, curriculum))
+    return step
 
 # %% ../nbs/04b_training_flags.ipynb #d93e82bf
 def window_losses(model: nn.Module, data: torch.Tensor, n_seq: int, amp_dtype=None) -> torch.Tensor:
