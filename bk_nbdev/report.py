@@ -22,7 +22,8 @@ from fastcore.imports import in_ipython
 __all__ = ['project_root', 'md_table', 'sweep_section', 'load_runs', 'models_section', 'transformer_of', 'chosen_section',
            'machine_of', 'provenance_line', 'presets_section', 'ratio_words', 'time_claim', 'claims_section',
            'reach_line', 'pct', 'ablation_section', 'exit_section', 'seeds_section', 'budget_line', 'plot_sweep',
-           'answer_part', 'ablation_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+           'budget_part', 'answer_part', 'ablation_part', 'sweep_part', 'results_markdown', 'readme_text',
+           'write_results']
 
 # %% ../nbs/07c_report.ipynb #6f1bf6a6
 def project_root() -> Path:
@@ -226,17 +227,20 @@ def plot_sweep(study: Path) -> Path:
     return out
 
 # %% ../nbs/07c_report.ipynb #a3f4c56a
-def answer_part(ref: Path) -> list[str]:
-    "The quick presets against the Transformer, the original's claims, and the whole training split"
-    quick, whole, figs = ref/"quick", ref/"whole", lambda s: f"results/reference/{s}/wikitext2"
-    names = [load_preset(p).model_name for p in ("full_quick", "transformer_quick")]
-    return ["**The answer at the quick budget.** " + budget_line(quick), presets_section(quick), reach_line(quick, names[1]),
-            f"![training curves against steps, tokens, FLOPs and seconds]({figs('quick')}/training_curves.png)",
-            f"![total training FLOPs]({figs('quick')}/training_flops.png)",
+def budget_part(study: Path, presets: tuple[str, str], title: str) -> list[str]:
+    "A study's presets against its Transformer (`presets`: full, Transformer): costs, time to quality, curves, claims"
+    names, figs = [load_preset(p).model_name for p in presets], f"results/reference/{study.name}/wikitext2"
+    return [f"**{title}.** " + budget_line(study), presets_section(study), reach_line(study, names[1]),
+            f"![training curves against steps, tokens, FLOPs and seconds]({figs}/training_curves.png)",
+            f"![total training FLOPs]({figs}/training_flops.png)",
             "**The original's claims** for the full model, against the Transformer (what each optimization does on the "
-            "axis of its own claim is in the ablation below):", claims_section(quick, *names), provenance_line(quick),
-            "**The whole training split.** " + budget_line(whole), presets_section(whole),
-            f"![training curves on the whole split]({figs('whole')}/training_curves.png)", provenance_line(whole)]
+            "axis of its own claim is in the ablation below):", claims_section(study, *names), provenance_line(study)]
+
+# %% ../nbs/07c_report.ipynb #08291fa1
+def answer_part(ref: Path) -> list[str]:
+    "The full model against the Transformer at the quick budget, then on the whole training split"
+    return [*budget_part(ref/"quick", ("full_quick", "transformer_quick"), "The answer at the quick budget"),
+            *budget_part(ref/"whole", ("full", "transformer"), "The whole training split")]
 
 # %% ../nbs/07c_report.ipynb #1fb79f97
 def ablation_part(ref: Path) -> list[str]:
