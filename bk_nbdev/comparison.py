@@ -117,6 +117,7 @@ CLAIMS = {  # what the original documentation claimed; "" where it stated no fig
     "use_curriculum": "", "use_active_learning": "50% less data", "all flags": "(the full preset)", "random half": "(control of active learning)",
     "int4 quantization": "(quantization's INT4 variant)", "act, ponder 0.1": "(ACT, 10x the ponder weight)",
     "act, ponder 1": "(ACT, 100x the ponder weight)", "early exit, 1/8 sampled": "(exits trained on 1/8 of positions)",
+    "one layer": "(ACT's control: 1 layer, no ACT)",
 }
 OWN_MEASURE = {  # the flag's own measurements: where they live in the results
     "use_physics_informed": [("model_stats", "energy_drift")],
@@ -141,6 +142,7 @@ VARIANTS = {  # rows that are not one flag alone: label -> (the fields they set,
     "act, ponder 0.1": ({"use_act": True, "ponder_weight": 0.1}, "act_ponder0.1"),  # ACT's curve: depth against quality
     "act, ponder 1": ({"use_act": True, "ponder_weight": 1.0}, "act_ponder1"),
     "early exit, 1/8 sampled": ({"use_early_exit": True, "exit_sample": 0.125}, "early_exit_sample8"),
+    "one layer": ({"n_layers": 1}, "1layer"),  # the depth ACT executes at ponder 0.1, without ACT
 }
 
 # %% ../nbs/07_comparison.ipynb #eabe0864

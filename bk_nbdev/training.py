@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from .compression import enable_qat, pruning_schedule, start_pruning, prune_to
@@ -78,6 +79,12 @@ class TrainConfig:
         if not 0 < self.prune_target < 1: raise ValueError(f"prune_target must be in (0, 1), got {self.prune_target}")
         if not 0 < self.curriculum_fraction <= 1:
             raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}")
+
+# %% ../nbs/05_training.ipynb #78c5f2d7
+@patch(as_prop=True)
+def curriculum(self: TrainConfig) -> float | None:
+    "The fraction of the steps over which the curriculum grows the sequence length; None when it is off"
+    return self.curriculum_fraction if self.use_curriculum else None
 
 # %% ../nbs/05_training.ipynb #f527540c
 def train_streams(corpus: Corpus, cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu") -> tuple[torch.Tensor, int]:
@@ -197,8 +204,7 @@ def start_run(model: nn.Module, corpus: Corpus, cfg: TrainConfig, device: torch.
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     data, budget = train_streams(corpus, cfg, rank, world, device)
     total_steps = budget // cfg.n_seq * cfg.epochs  # nominal steps: the curriculum's and pruning's clock
-    curriculum = cfg.curriculum_fraction if cfg.use_curriculum else None
-    sched = warmup_cosine(opt, cfg.warmup_steps, run_steps(total_steps, cfg.n_seq, budget, cfg.epochs, curriculum))
+    sched = warmup_cosine(opt, cfg.warmup_steps, run_steps(total_steps, cfg.n_seq, budget, cfg.epochs, cfg.curriculum))
     amp_dtype, scaler = precision(cfg.use_mixed_precision, device)
     step_loss = DDP(_LossModule(model), find_unused_parameters=True) if world > 1 else model.loss
     return TrainRun(cfg, model, device, data, budget, total_steps, opt, sched,
@@ -290,7 +296,7 @@ def train_epoch(run: TrainRun, progress: bool = True) -> dict:
     "Train one epoch: mean loss and CE, tokens read and back-propagated, FLOPs and seconds of the job; curve points"
     cfg, world = run.cfg, run.world
     run.model.train()
-    lengths = epoch_lengths(run.step, run.total_steps, cfg.n_seq, run.budget, cfg.curriculum_fraction if cfg.use_curriculum else None)
+    lengths = epoch_lengths(run.step, run.total_steps, cfg.n_seq, run.budget, cfg.curriculum)
     s = dict(loss=0.0, ce=0.0, tokens=0, backprop_tokens=0, flops=0, eval_seconds=0.0)
     bar = tqdm(total=len(lengths), desc=f"epoch {run.epoch + 1}/{cfg.epochs}", unit="step", disable=not progress,
                leave=False, mininterval=5)  # a few lines in a saved notebook, not one per step
