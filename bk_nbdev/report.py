@@ -20,10 +20,10 @@ from fastcore.imports import in_ipython
 
 # %% auto #0
 __all__ = ['project_root', 'md_table', 'sweep_section', 'load_runs', 'models_section', 'transformer_of', 'chosen_section',
-           'machine_of', 'provenance_line', 'presets_section', 'ratio_words', 'time_claim', 'claims_section',
-           'reach_line', 'pct', 'ablation_section', 'exit_section', 'seeds_section', 'budget_line', 'plot_sweep',
-           'budget_part', 'answer_part', 'ablation_part', 'sweep_part', 'results_markdown', 'readme_text',
-           'write_results']
+           'machine_of', 'provenance_line', 'presets_section', 'ratio_words', 'time_claim', 'claims_rows',
+           'claims_section', 'reach_line', 'pct', 'ablation_section', 'exit_section', 'seeds_section', 'budget_line',
+           'plot_sweep', 'budget_part', 'ratio_to_transformer', 'in_short', 'answer_part', 'ablation_part',
+           'sweep_part', 'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/07c_report.ipynb #6f1bf6a6
 def project_root() -> Path:
@@ -128,10 +128,10 @@ def time_claim(f: dict, t: dict, same_machine: bool = True) -> list:
             f"{ratio_words(flops, 'fewer', 'more')})", None]
 
 # %% ../nbs/07c_report.ipynb #e7ab8525
-def claims_section(study: Path, full: str, transformer: str,
-                   same_machine: bool = True, # whether the two runs ran on one machine (else their seconds do not compare)
-                  ) -> str:
-    "The original's claims for model `full` against `transformer`, measured in `study`, and whether each held"
+def claims_rows(study: Path, full: str, transformer: str,
+                same_machine: bool = True, # whether the two runs ran on one machine (else their seconds do not compare)
+               ) -> list[list]:
+    "The original's claims for model `full` against `transformer`, measured in `study`: [claim, promised, measured, held]"
     runs = {r["model_name"]: r for r in load_runs(study)}
     f, t = runs[full], runs[transformer]
     ppl = f["test_perplexity"] / t["test_perplexity"]
@@ -144,6 +144,12 @@ def claims_section(study: Path, full: str, transformer: str,
         art = t["model_size_mb"] / fm["artifact_size_mb"]
         rows.append([f"size (INT{f['config']['quant_bits']} artifact)", "4–100× smaller", ratio_words(art, "smaller", "larger")
                      + f" (test ppl {fm['artifact_test_perplexity']:,.1f} after loading)", art >= 4])
+    return rows
+
+# %% ../nbs/07c_report.ipynb #50a2912b
+def claims_section(study: Path, full: str, transformer: str, same_machine: bool = True) -> str:
+    "`claims_rows` as a Markdown table, with yes, no or - (not judged) under 'held'"
+    rows = claims_rows(study, full, transformer, same_machine)
     return md_table(["claim", "promised", "measured", "held"], [[*r[:3], {True: "yes", False: "no", None: "-"}[r[3]]] for r in rows])
 
 # %% ../nbs/07c_report.ipynb #79d55851
@@ -190,15 +196,15 @@ def exit_section(study: Path, base: str) -> str:
 
 # %% ../nbs/07c_report.ipynb #d138d841
 def seeds_section(study: Path, reference: str) -> str:
-    "Mean ± standard deviation over seeds per run; each difference from run `reference`'s test ppl, resolved or not"
+    "Mean ± standard deviation over seeds per run; each difference from run `reference` (test ppl, s/step), resolved or not"
     rows = json.loads((study/"seed_summary.json").read_text())
     pm = lambda r, k, f: f"{r[k]:{f}} ± {r[k + '_sd']:{f}}"
     table = md_table(["run", "seeds", "val ppl", "test ppl", "s/step"], [[r["run"], r["seeds"], pm(r, "val_ppl", ",.1f"),
                      pm(r, "test_ppl", ",.1f"), pm(r, "seconds_per_step", ".3f")] for r in rows])
-    t = next(r for r in rows if r["run"] == reference)
-    said = [(r["run"], *resolved(r, t)) for r in rows if r is not t]
-    return table + "\n\n" + "; ".join(f"{p} − {reference}: {d:+,.1f} test ppl, {'resolved' if ok else 'not resolved'} "
-                                      f"(2σ of a difference: {b:,.1f})" for p, d, b, ok in said) + "."
+    t, word = next(r for r in rows if r["run"] == reference), lambda ok: "resolved" if ok else "not resolved"
+    say = lambda r, k, unit, f: (lambda d, b, ok: f"{d:+{f}} {unit}, {word(ok)} (2σ of a difference: {b:{f}})")(*resolved(r, t, k))
+    return table + "\n\n" + "; ".join(f"{r['run']} − {reference}: {say(r, 'test_ppl', 'test ppl', ',.1f')}, "
+                                      f"{say(r, 'seconds_per_step', 's/step', '.3f')}" for r in rows if r is not t) + "."
 
 # %% ../nbs/07c_report.ipynb #e46a7d3e
 def budget_line(study: Path) -> str:
@@ -236,10 +242,31 @@ def budget_part(study: Path, presets: tuple[str, str], title: str) -> list[str]:
             "**The original's claims** for the full model, against the Transformer (what each optimization does on the "
             "axis of its own claim is in the ablation below):", claims_section(study, *names), provenance_line(study)]
 
+# %% ../nbs/07c_report.ipynb #dcda66dd
+def ratio_to_transformer(study: Path, preset: str, key: str = "test_perplexity") -> float:
+    "Figure `key` of `preset`'s run in `study` as a ratio to the study's Transformer's"
+    runs = load_runs(study)
+    return next(r for r in runs if r["model_name"] == load_preset(preset).model_name)[key] / transformer_of(runs)[key]
+
+# %% ../nbs/07c_report.ipynb #16a78fb1
+def in_short(ref: Path) -> str:
+    "The answer in one paragraph: the full model's claims at the quick budget and on the whole split, and the baseline"
+    names = lambda *ps: [load_preset(p).model_name for p in ps]
+    q, w = claims_rows(ref/"quick", *names("full_quick", "transformer_quick")), claims_rows(ref/"whole", *names("full", "transformer"))
+    verdicts = {a[0]: (a[3], b[3]) for a, b in zip(q, w, strict=True)}
+    which = lambda *v: ", ".join(k for k, x in verdicts.items() if x in v) or "none"
+    both = lambda p, key: (f"{ratio_to_transformer(ref/'quick', p + '_quick', key):.2f}× the Transformer's at the quick budget, "
+                           f"{ratio_to_transformer(ref/'whole', p, key):.2f}× on the whole split")
+    return ("**In short.** ResNet-BK with all twelve optimizations (`full`) against the Transformer: " +
+            "; ".join(f"{a[0]} {a[2]} at the quick budget, {b[2]} on the whole split" for a, b in zip(q, w)) +
+            f"; training FLOPs {both('full', 'total_training_flops')}. Of the original's claims, held at both budgets: "
+            f"{which((True, True))}; at one only: {which((True, False), (False, True))}; at neither: {which((False, False))}. "
+            f"ResNet-BK alone (the baseline): test perplexity {both('baseline', 'test_perplexity')}.")
+
 # %% ../nbs/07c_report.ipynb #08291fa1
 def answer_part(ref: Path) -> list[str]:
-    "The full model against the Transformer at the quick budget, then on the whole training split"
-    return [*budget_part(ref/"quick", ("full_quick", "transformer_quick"), "The answer at the quick budget"),
+    "The answer in short, then the full model against the Transformer at the quick budget and on the whole training split"
+    return [in_short(ref), *budget_part(ref/"quick", ("full_quick", "transformer_quick"), "The answer at the quick budget"),
             *budget_part(ref/"whole", ("full", "transformer"), "The whole training split")]
 
 # %% ../nbs/07c_report.ipynb #1fb79f97
