@@ -201,8 +201,10 @@ def seeds_section(study: Path, reference: str) -> str:
     pm = lambda r, k, f: f"{r[k]:{f}} ± {r[k + '_sd']:{f}}"
     table = md_table(["run", "seeds", "val ppl", "test ppl", "s/step"], [[r["run"], r["seeds"], pm(r, "val_ppl", ",.1f"),
                      pm(r, "test_ppl", ",.1f"), pm(r, "seconds_per_step", ".3f")] for r in rows])
-    t, word = next(r for r in rows if r["run"] == reference), lambda ok: "resolved" if ok else "not resolved"
-    say = lambda r, k, unit, f: (lambda d, b, ok: f"{d:+{f}} {unit}, {word(ok)} (2σ of a difference: {b:{f}})")(*resolved(r, t, k))
+    t = next(r for r in rows if r["run"] == reference)
+    def say(r, key, unit, f):
+        d, bound, ok = resolved(r, t, key)
+        return f"{d:+{f}} {unit}, {'resolved' if ok else 'not resolved'} (2σ of a difference: {bound:{f}})"
     return table + "\n\n" + "; ".join(f"{r['run']} − {reference}: {say(r, 'test_ppl', 'test ppl', ',.1f')}, "
                                       f"{say(r, 'seconds_per_step', 's/step', '.3f')}" for r in rows if r is not t) + "."
 
