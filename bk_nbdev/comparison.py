@@ -119,6 +119,8 @@ CLAIMS = {  # what the original documentation claimed; "" where it stated no fig
     "act, ponder 1": "(ACT, 100x the ponder weight)", "early exit, 1/8 sampled": "(exits trained on 1/8 of positions)",
     "one layer": "(ACT's control: 1 layer, no ACT)",
 }
+
+# %% ../nbs/07_comparison.ipynb #8f3ad13e
 OWN_MEASURE = {  # the flag's own measurements: where they live in the results
     "use_physics_informed": [("model_stats", "energy_drift")],
     **{k: [("model_stats", "executed_depth"), ("flag_measurements", "trained_flops_without_head")]
@@ -136,6 +138,8 @@ OWN_MEASURE = {  # the flag's own measurements: where they live in the results
     "use_curriculum": [("flag_measurements", "tokens_read")],
 }
 NOTES = {"use_sparse_bk": "no compute saved by design (a regularizer, 04)"}  # what a row's figures cannot say
+
+# %% ../nbs/07_comparison.ipynb #abd20c29
 VARIANTS = {  # rows that are not one flag alone: label -> (the fields they set, model-name suffix)
     "random half": ({"use_active_learning": True, "active_selection": "random"}, "random_half"),
     "int4 quantization": ({"use_quantization": True, "quant_bits": 4}, "quantization_int4"),
