@@ -20,10 +20,11 @@ from fastcore.imports import in_ipython
 
 # %% auto #0
 __all__ = ['project_root', 'md_table', 'sweep_section', 'load_runs', 'models_section', 'transformer_of', 'chosen_section',
-           'machine_of', 'provenance_line', 'presets_section', 'ratio_words', 'time_claim', 'claims_rows',
-           'claims_section', 'reach_line', 'pct', 'ablation_section', 'exit_section', 'seeds_section', 'budget_line',
-           'plot_sweep', 'budget_part', 'ratio_to_transformer', 'in_short', 'answer_part', 'ablation_part',
-           'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+           'machine_of', 'study_metadata', 'provenance_line', 'presets_section', 'ratio_words', 'time_claim',
+           'claims_rows', 'model_names', 'claims_section', 'reach_line', 'pct', 'ablation_section', 'exit_section',
+           'seeds_section', 'scaling_section', 'crossover_line', 'budget_line', 'plot_sweep', 'budget_part',
+           'ratio_to_transformer', 'in_short', 'answer_part', 'ablation_part', 'scaling_part', 'sweep_part',
+           'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/07c_report.ipynb #6f1bf6a6
 def project_root() -> Path:
@@ -90,14 +91,19 @@ def machine_of(meta: dict) -> str:
     cpu = f"{meta['cpu']} with {meta['cpu_capability']}" if "cpu_capability" in meta else meta["device_name"]
     return f"{cpu} ({meta['device']})"
 
+# %% ../nbs/07c_report.ipynb #7188c4d7
+def study_metadata(study: Path) -> list[dict]:
+    "The metadata of each run of `study`, or, for a study without runs, the one its provenance.json records"
+    return [r["metadata"] for r in load_runs(study)] or [json.loads((study/"provenance.json").read_text())["metadata"]]
+
 # %% ../nbs/07c_report.ipynb #6e6628eb
 def provenance_line(study: Path) -> str:
     "Commit(s), machine(s), threads and torch version of a study's runs, and its own note"
-    runs, note = load_runs(study), json.loads((study/"provenance.json").read_text())
-    m, machines = runs[0]["metadata"], "; ".join(dict.fromkeys(machine_of(r["metadata"]) for r in runs))
-    commits, seeds = sorted({r["metadata"]["git_commit"][:7] for r in runs}), sorted({r["metadata"]["seed"] for r in runs})
+    metas, note = study_metadata(study), json.loads((study/"provenance.json").read_text())
+    machines = "; ".join(dict.fromkeys(machine_of(m) for m in metas))
+    commits, seeds = sorted({m["git_commit"][:7] for m in metas}), sorted({m["seed"] for m in metas})
     return (f"Command: `{note['command']}`. Commit {', '.join(commits)}; {machines}, "
-            f"{m['threads']} threads, torch {m['torch']}, seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}. "
+            f"{metas[0]['threads']} threads, torch {metas[0]['torch']}, seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}. "
             f"{note['note']}")
 
 # %% ../nbs/07c_report.ipynb #39f15459
@@ -145,6 +151,11 @@ def claims_rows(study: Path, full: str, transformer: str,
         rows.append([f"size (INT{f['config']['quant_bits']} artifact)", "4–100× smaller", ratio_words(art, "smaller", "larger")
                      + f" (test ppl {fm['artifact_test_perplexity']:,.1f} after loading)", art >= 4])
     return rows
+
+# %% ../nbs/07c_report.ipynb #02c38046
+def model_names(*presets: str) -> list[str]:
+    "The model name of each preset, the name its run has in a study"
+    return [load_preset(p).model_name for p in presets]
 
 # %% ../nbs/07c_report.ipynb #50a2912b
 def claims_section(study: Path, full: str, transformer: str, same_machine: bool = True) -> str:
@@ -208,6 +219,35 @@ def seeds_section(study: Path, reference: str) -> str:
     return table + "\n\n" + "; ".join(f"{r['run']} − {reference}: {say(r, 'test_ppl', 'test ppl', ',.1f')}, "
                                       f"{say(r, 'seconds_per_step', 's/step', '.3f')}" for r in rows if r is not t) + "."
 
+# %% ../nbs/07c_report.ipynb #25c4cf9a
+def scaling_section(study: Path) -> str:
+    "The scaling study in `study` (08's scaling.json): per part and model, slopes and the cost at the longest N measured"
+    s = json.loads((study/"scaling.json").read_text())
+    slope = lambda k: "-" if s["slopes"].get(k) is None else f"{s['slopes'][k]:.2f}"
+    last = {(r["part"], r["model"]): r for r in s["rows"]}  # each row grows in N: its last entry is its longest
+    rows = [[p, m, slope(f"{m}/{p}/fwd_s"), slope(f"{m}/{p}/fwd_bwd_s"), r["N"], f"{r['fwd_bwd_s']:.3f}", r["peak_mem_mb"],
+             s["stopped"].get(f"{m}/{p}", "no")] for (p, m), r in last.items()]
+    c = s["settings"]
+    return (f"d_model {c['d_model']}, {c['n_layers']} layers, {c['tokens']:,} tokens per measurement, slopes fitted over "
+            f"N ≥ {c['fit_from']:,}.\n\n" + md_table(["part", "model", "slope fwd", "slope fwd+bwd", "longest N",
+            "fwd+bwd s there", "peak MB there", "stopped early"], rows))
+
+# %% ../nbs/07c_report.ipynb #14bfc036
+def crossover_line(study: Path) -> str:
+    "Per part: from which N ResNet-BK's step is faster than the Transformer's, and how much at the longest N both reached"
+    s = json.loads((study/"scaling.json").read_text())
+    t = {(r["part"], r["model"], r["N"]): r["fwd_bwd_s"] for r in s["rows"]}
+    def say(p):
+        ns, x = sorted(N for q, m, N in t if q == p and m == "resnet_bk" and (p, "transformer", N) in t), s["crossover"][p]
+        when = "never" if x is None else f"from N = {x:,}" + (" (the shortest measured)" if x == ns[0] else "")
+        if not ns: return f"{p}: not measured for both models"
+        n = ns[-1]
+        return f"{p} {when}, {ratio_words(t[p, 'transformer', n] / t[p, 'resnet_bk', n], 'faster', 'slower')} at N = {n:,}"
+    f = s["flops_at_2048"]
+    flops = (f" At N = {f['N']:,} the Transformer needs {f['transformer_over_resnet_bk']:.2f}× ResNet-BK's FLOPs per training "
+             f"step ({f['transformer_over_resnet_bk_without_head']:.2f}× without the LM head).") if f else ""
+    return "**Crossover.** ResNet-BK's forward+backward is faster: " + "; ".join(say(p) for p in s["crossover"]) + "." + flops
+
 # %% ../nbs/07c_report.ipynb #e46a7d3e
 def budget_line(study: Path) -> str:
     "The training budget and seed of a study's runs, from their config"
@@ -237,7 +277,7 @@ def plot_sweep(study: Path) -> Path:
 # %% ../nbs/07c_report.ipynb #a3f4c56a
 def budget_part(study: Path, presets: tuple[str, str], title: str) -> list[str]:
     "A study's presets against its Transformer (`presets`: full, Transformer): costs, time to quality, curves, claims"
-    names, figs = [load_preset(p).model_name for p in presets], f"results/reference/{study.name}/wikitext2"
+    names, figs = model_names(*presets), f"results/reference/{study.name}/wikitext2"
     return [f"**{title}.** " + budget_line(study), presets_section(study), reach_line(study, names[1]),
             f"![training curves against steps, tokens, FLOPs and seconds]({figs}/training_curves.png)",
             f"![total training FLOPs]({figs}/training_flops.png)",
@@ -253,8 +293,8 @@ def ratio_to_transformer(study: Path, preset: str, key: str = "test_perplexity")
 # %% ../nbs/07c_report.ipynb #16a78fb1
 def in_short(ref: Path) -> str:
     "The answer in one paragraph: the full model's claims at the quick budget and on the whole split, and the baseline"
-    names = lambda *ps: [load_preset(p).model_name for p in ps]
-    q, w = claims_rows(ref/"quick", *names("full_quick", "transformer_quick")), claims_rows(ref/"whole", *names("full", "transformer"))
+    q = claims_rows(ref/"quick", *model_names("full_quick", "transformer_quick"))
+    w = claims_rows(ref/"whole", *model_names("full", "transformer"))
     verdicts = {a[0]: (a[3], b[3]) for a, b in zip(q, w, strict=True)}
     which = lambda *v: ", ".join(k for k, x in verdicts.items() if x in v) or "none"
     both = lambda p, key: (f"{ratio_to_transformer(ref/'quick', p + '_quick', key):.2f}× the Transformer's at the quick budget, "
@@ -273,13 +313,23 @@ def answer_part(ref: Path) -> list[str]:
 
 # %% ../nbs/07c_report.ipynb #1fb79f97
 def ablation_part(ref: Path) -> list[str]:
-    "07's ablation with early exit's inference curve, and the seeds study"
+    "07's ablation with early exit's inference curve, the seeds study of the presets and that of the ablation's rows"
     return ["**The ablation** (07) at the quick budget, every row from the same base and seed:",
             ablation_section(ref/"ablation", "baseline_quick"),
             "**Early exit at inference**, the ablation's early-exit row over its exit threshold (validation split):",
             exit_section(ref/"ablation", "baseline_quick"), provenance_line(ref/"ablation"),
             "**Seeds.** Quick presets from several seeds, run interleaved (A B A B…; 07b):", seeds_section(ref/"seeds", "transformer_quick"),
-            provenance_line(ref/"seeds")]
+            provenance_line(ref/"seeds"),
+            "**Seeds of the ablation.** Every row within 5% of the base's test perplexity, from three seeds, interleaved (07b); "
+            "a difference from the base is resolved when it is larger than two standard deviations of a difference:",
+            seeds_section(ref/"ablation_seeds", "base"), provenance_line(ref/"ablation_seeds")]
+
+# %% ../nbs/07c_report.ipynb #9b5a9e88
+def scaling_part(ref: Path) -> list[str]:
+    "08's scaling study: slopes, time and memory at the longest length, crossovers, the figure, provenance"
+    study = ref/"scaling"
+    return ["**Scaling with sequence length** (08).", scaling_section(study), crossover_line(study),
+            "![time per sequence and peak memory against N](results/reference/scaling/scaling.png)", provenance_line(study)]
 
 # %% ../nbs/07c_report.ipynb #50888d0e
 def sweep_part(ref: Path) -> list[str]:
@@ -296,7 +346,7 @@ def sweep_part(ref: Path) -> list[str]:
 def results_markdown(ref: Path | None = None) -> str:
     "The README's Results section, from the reference results under `ref` (default: results/reference)"
     ref = ref or project_root()/"results"/"reference"
-    return "\n\n".join(["## Results", *answer_part(ref), *ablation_part(ref), *sweep_part(ref)])
+    return "\n\n".join(["## Results", *answer_part(ref), *ablation_part(ref), *scaling_part(ref), *sweep_part(ref)])
 
 # %% ../nbs/07c_report.ipynb #42339df2
 def readme_text(index: dict) -> str:
