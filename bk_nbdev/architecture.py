@@ -18,13 +18,15 @@ from fastcore.basics import patch
 from .models import ResNetBKConfig, ResNetBKLM
 
 # %% auto #0
-__all__ = ['ARCH_FLAGS', 'EXTENSIONS', 'ConfigurableResNetBKConfig', 'Extension', 'extends', 'ConfigurableResNetBK',
-           'causal_linear_recurrence', 'KoopmanLayer', 'Koopman', 'Energy', 'PhysicsInformed', 'ACT', 'pool_pairs',
-           'causal_upsample', 'MultiScale', 'SparseBK', 'EarlyExit']
+__all__ = ['ARCH_FLAGS', 'EXTENSIONS', 'ConfigurableResNetBKConfig', 'check_flag_settings', 'Extension', 'extends',
+           'ConfigurableResNetBK', 'causal_linear_recurrence', 'KoopmanLayer', 'Koopman', 'Energy', 'PhysicsInformed',
+           'ACT', 'pool_pairs', 'causal_upsample', 'MultiScale', 'SparseBK', 'EarlyExit']
 
 # %% ../nbs/04_architecture.ipynb #4a5195e3
+# the flags of this notebook, one extension each
 ARCH_FLAGS = ("use_koopman", "use_physics_informed", "use_act", "use_multi_scale", "use_sparse_bk", "use_early_exit")
 
+# %% ../nbs/04_architecture.ipynb #a547d016
 @dataclass
 class ConfigurableResNetBKConfig(ResNetBKConfig):
     "ResNet-BK plus the six architecture flags and their hyperparameters"
@@ -45,18 +47,21 @@ class ConfigurableResNetBKConfig(ResNetBKConfig):
     exit_weight: float = 0.1         # weight of the intermediate exits' cross-entropy
     exit_sample: float = 1.0         # share of positions, drawn anew each step, on which the exits train (1: all)
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.use_multi_scale and self.n_layers < 3:
-            raise ValueError(f"use_multi_scale needs n_layers >= 3 (a middle layer), got n_layers={self.n_layers}")
-        if self.use_early_exit and self.n_layers < 2:
-            raise ValueError(f"use_early_exit needs n_layers >= 2, got n_layers={self.n_layers}")
-        if not 0 < self.sparse_target < 1: raise ValueError(f"sparse_target must be in (0, 1), got {self.sparse_target}")
-        if not 0 < self.act_epsilon < 1: raise ValueError(f"act_epsilon must be in (0, 1), got {self.act_epsilon}")
-        if not 0 < self.exit_threshold <= 1: raise ValueError(f"exit_threshold must be in (0, 1], got {self.exit_threshold}")
-        if not 0 < self.exit_sample <= 1: raise ValueError(f"exit_sample must be in (0, 1], got {self.exit_sample}")
+    def __post_init__(self): super().__post_init__(); check_flag_settings(self)
 
     def flags(self) -> dict[str, bool]: return {f: getattr(self, f) for f in ARCH_FLAGS}
+
+# %% ../nbs/04_architecture.ipynb #b27cacb4
+def check_flag_settings(cfg: ConfigurableResNetBKConfig):
+    "Raise a ValueError naming the first flag setting of `cfg` that cannot work"
+    if cfg.use_multi_scale and cfg.n_layers < 3:
+        raise ValueError(f"use_multi_scale needs n_layers >= 3 (a middle layer), got n_layers={cfg.n_layers}")
+    if cfg.use_early_exit and cfg.n_layers < 2:
+        raise ValueError(f"use_early_exit needs n_layers >= 2, got n_layers={cfg.n_layers}")
+    if not 0 < cfg.sparse_target < 1: raise ValueError(f"sparse_target must be in (0, 1), got {cfg.sparse_target}")
+    if not 0 < cfg.act_epsilon < 1: raise ValueError(f"act_epsilon must be in (0, 1), got {cfg.act_epsilon}")
+    if not 0 < cfg.exit_threshold <= 1: raise ValueError(f"exit_threshold must be in (0, 1], got {cfg.exit_threshold}")
+    if not 0 < cfg.exit_sample <= 1: raise ValueError(f"exit_sample must be in (0, 1], got {cfg.exit_sample}")
 
 # %% ../nbs/04_architecture.ipynb #113c99f3
 class Extension(nn.Module):
