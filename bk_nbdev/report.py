@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .config import load_preset
 from .runtime import atomic_write_bytes
-from .tables import (chosen_section, claims_rows, claims_section, crossover_line, exit_section, ablation_section,
-                             load_runs, model_names, models_section, presets_section, project_root, provenance_line,
-                             reach_line, scaling_section, seeds_section, sweep_section, transformer_of)
+from .tables import (
+    ablation_section, chosen_section, claims_rows, claims_section, crossover_line, exit_section, load_runs, model_names,
+    models_section, presets_section, project_root, provenance_line, reach_line, scaling_section, seeds_section,
+    sweep_section, transformer_of)
 from fastcore.imports import in_ipython
 
 # %% auto #0
@@ -60,7 +60,7 @@ def budget_part(study: Path, presets: tuple[str, str], title: str) -> list[str]:
 def ratio_to_transformer(study: Path, preset: str, key: str = "test_perplexity") -> float:
     "Figure `key` of `preset`'s run in `study` as a ratio to the study's Transformer's"
     runs = load_runs(study)
-    return next(r for r in runs if r["model_name"] == load_preset(preset).model_name)[key] / transformer_of(runs)[key]
+    return next(r for r in runs if r["model_name"] == model_names(preset)[0])[key] / transformer_of(runs)[key]
 
 # %% ../nbs/07d_report.ipynb #16a78fb1
 def in_short(ref: Path) -> str:
