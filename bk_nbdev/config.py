@@ -111,18 +111,40 @@ def _convert(name: str, value, typ):
     raise ValueError(f"{name} = {value!r} is not a valid {getattr(typ, '__name__', typ)}")
 
 # %% ../nbs/05b_config.ipynb #4fc9798b
+def _read_presets(path: str | Path | None = None) -> configparser.ConfigParser:
+    "settings.ini parsed, its file named in any error; a [DEFAULT] section is refused"
+    path = Path(path or presets_file())
+    cp = configparser.ConfigParser()
+    try: cp.read_string(path.read_text(), source=str(path))
+    except (OSError, configparser.Error) as e: raise ValueError(f"cannot read the presets file {path}: {e}") from None
+    if cp.defaults():
+        raise ValueError(f"{path}: [DEFAULT] sets {sorted(cp.defaults())}; presets share settings through `base = NAME`")
+    return cp
+
+# %% ../nbs/05b_config.ipynb #a6535d29
 def preset_names(path: str | Path | None = None) -> list[str]:
-    cp = configparser.ConfigParser(); cp.read(path or presets_file())
-    return cp.sections()
+    "The presets of settings.ini: its sections, less the blocks (names that begin with `_`) that presets build on"
+    return [s for s in _read_presets(path).sections() if not s.startswith("_")]
+
+# %% ../nbs/05b_config.ipynb #de9808ab
+def _resolved(cp: configparser.ConfigParser, name: str, chain: tuple = ()) -> dict:
+    "The settings of section `name`: those of its bases (`base = A B`: A's, then B's), then its own"
+    own = dict(cp[name]); values = {}
+    for b in own.pop("base", "").split():
+        if b in chain + (name,): raise ValueError(f"presets: a cycle of bases {' -> '.join(chain + (name, b))}")
+        if not cp.has_section(b):
+            raise ValueError(f"preset {name!r}: base {b!r} is not a section; valid: {', '.join(cp.sections())}")
+        values.update({k: v for k, v in _resolved(cp, b, chain + (name,)).items() if k != "model_name"})
+    return {**values, **own}
 
 # %% ../nbs/05b_config.ipynb #f89415fb
 def load_preset(name: str, path: str | Path | None = None, **overrides) -> BenchmarkConfig:
-    "The BenchmarkConfig of preset `name` in settings.ini, with `overrides` applied"
-    cp = configparser.ConfigParser(); cp.read(path or presets_file())
-    if name not in cp.sections():
-        raise ValueError(f"Unknown preset {name!r}; valid presets: {', '.join(cp.sections())}")
+    "The BenchmarkConfig of preset `name` in settings.ini, its bases resolved, with `overrides` applied"
+    cp = _read_presets(path)
+    valid = [s for s in cp.sections() if not s.startswith("_")]
+    if name not in valid: raise ValueError(f"Unknown preset {name!r}; valid presets: {', '.join(valid)}")
     types = {f.name: f.type for f in fields(BenchmarkConfig)}
-    values = {**dict(cp[name]), **overrides}
+    values = {"model_name": name, **_resolved(cp, name), **overrides}
     unknown = [k for k in values if k not in types]
     if unknown: raise ValueError(f"Unknown field(s) {unknown} in preset {name!r} or overrides; valid: {', '.join(types)}")
     return BenchmarkConfig(**{k: _convert(k, v, types[k]) for k, v in values.items()})

@@ -123,17 +123,27 @@ def test_parameters_cell_lists_every_config_field_with_its_default():
     assert _parameters_cell() == want
 
 
-def test_settings_default_section_agrees_with_the_dataclass():
+def _sections() -> dict:
     import configparser
-    from bk_nbdev.config import BenchmarkConfig, _convert
-    from dataclasses import fields
     cp = configparser.ConfigParser(); cp.read(ROOT / "settings.ini")
-    types = {f.name: f for f in fields(BenchmarkConfig)}
-    for k, v in cp.defaults().items():
-        assert k in types, f"[DEFAULT] {k} is not a BenchmarkConfig field"
-        assert _convert(k, v, types[k].type) == types[k].default, f"[DEFAULT] {k} = {v} differs from the default"
-    for name in cp.sections():  # every preset key is a field
-        assert set(cp[name]) <= set(types), (name, set(cp[name]) - set(types))
+    return {name: dict(cp[name]) for name in cp.sections()}
+
+
+def test_settings_keys_are_fields_and_every_base_resolves():
+    from bk_nbdev.config import BenchmarkConfig, load_preset, preset_names
+    from dataclasses import fields
+    types = {f.name for f in fields(BenchmarkConfig)}
+    for name, keys in _sections().items():
+        assert set(keys) <= types | {"base"}, (name, set(keys) - types)
+    for name in preset_names(ROOT / "settings.ini"): load_preset(name, ROOT / "settings.ini")
+
+
+def test_no_block_of_settings_is_written_twice():
+    "Two sections share at most one setting (base and model_name aside): a block shared is a base of its own"
+    own = {n: {(k, v) for k, v in s.items() if k not in ("base", "model_name")} for n, s in _sections().items()}
+    names = sorted(own)
+    shared = [(a, b, sorted(own[a] & own[b])) for i, a in enumerate(names) for b in names[i + 1:] if len(own[a] & own[b]) > 1]
+    assert not shared, shared
 
 
 SHOWN_BY = {"print", "print_table", "show", "display"}
