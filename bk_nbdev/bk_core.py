@@ -6,9 +6,10 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/bk_core.html.md"""
 
 # %% ../nbs/01_bk_core.ipynb #08fabe39
 from __future__ import annotations
-import ctypes, hashlib, os, shutil, subprocess, tempfile, warnings
+import ctypes, hashlib, os, platform, shutil, subprocess, tempfile, warnings
 from functools import lru_cache
 from pathlib import Path
+from string import Template
 
 import torch
 from torch import Tensor
@@ -17,8 +18,8 @@ from .bk_triton import triton_forward, triton_backward
 from .runtime import cache_dir
 
 # %% auto #0
-__all__ = ['C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots', 'resolvent_diag_recurrence', 'cpu_backend',
-           'resolvent_diag_op', 'resolvent_diag_backward_op', 'bk_core']
+__all__ = ['C_HEADER', 'C_KERNELS', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots',
+           'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op', 'bk_core']
 
 # %% ../nbs/01_bk_core.ipynb #b075cb55
 def dense_resolvent_diag(
@@ -54,103 +55,147 @@ def resolvent_diag_recurrence(alpha: Tensor, beta: Tensor, causal: bool = True) 
     return 1 / d if causal else 1 / (d + e - alpha)
 
 # %% ../nbs/01_bk_core.ipynb #ec7190a1
-C_SOURCE = r"""
-/* BK-Core CPU kernels: pivots of a complex tridiagonal matrix, forward and exact backward.
-   Complex numbers are stored interleaved (re, im). Rows are processed in groups of W: within a group the W
-   recurrences are independent, so their latency-bound division chains overlap; groups run on OpenMP threads. */
+C_HEADER = r"""
+/* BK-Core CPU kernels: pivots of a complex tridiagonal matrix, forward and exact backward, in double (c128) and
+   float (c64). Tensors are (R, N) row-major, complex numbers interleaved (re, im). The recurrences run along a row
+   and the rows are independent: a group of W rows is copied, T positions at a time, into tiles laid out position by
+   position, where the W recurrences advance together in SIMD lanes; groups run on OpenMP threads. b may be NULL:
+   every b_i = 1, read from no memory (then pass gb NULL too: no beta gradient is computed). */
 #include <stddef.h>
-#define W 4
-#define GROUP_LOOP                                                                                  \
-  _Pragma("omp parallel for schedule(static)")                                                      \
-  for (long r0 = 0; r0 < R; r0 += W)
-#define NW (R - r0 < W ? R - r0 : W)
-#define DEFINE_KERNELS(T, SFX)                                                                      \
-/* g = 1/(x + iy), scaled by the larger component (Smith 1962), so that nothing under- or overflows  \
-   on the way to a representable result */                                                          \
-static inline void recip_##SFX(T x, T y, T *gr, T *gi) {                                            \
-  if ((x < 0 ? -x : x) >= (y < 0 ? -y : y)) { T r = y / x, s = 1 / (x + y * r); *gr = s; *gi = -r * s; } \
-  else { T r = x / y, s = 1 / (y + x * r); *gr = r * s; *gi = -s; }                                 \
-}                                                                                                   \
-/* Causal: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}; out g_i = 1/d_i.                                  \
-   Bidirectional: also e_{N-1} = a_{N-1}, e_i = a_i - b_i/e_{i+1}; out G_i = 1/(d_i + e_i - a_i),    \
-   left_i = 1/d_i, right_i = 1/e_i. */                                                              \
-void bk_forward_##SFX(const T *a, const T *b, T *G, T *left, T *right, long R, long N, int causal) { \
-  GROUP_LOOP {                                                                                      \
-    int nw = NW;                                                                                    \
-    T gr[W] = {0}, gi[W] = {0};                                                                     \
-    for (long i = 0; i < N; i++)                                                                    \
-      for (int w = 0; w < nw; w++) {                                                                \
-        long o = 2 * ((r0 + w) * N + i), ob = 2 * ((r0 + w) * (N - 1) + i - 1);                     \
-        T dr = a[o], di = a[o + 1];                                                                 \
-        if (i > 0) { T pr = b[ob], pi = b[ob + 1]; dr -= pr * gr[w] - pi * gi[w]; di -= pr * gi[w] + pi * gr[w]; } \
-        recip_##SFX(dr, di, &gr[w], &gi[w]);                                                        \
-        if (causal) { G[o] = gr[w]; G[o + 1] = gi[w]; continue; } /* causal: 1/d_i is G itself */   \
-        left[o] = gr[w]; left[o + 1] = gi[w];                                                       \
-        G[o] = dr; G[o + 1] = di; /* keep d_i until the right pass */                               \
-      }                                                                                             \
-    if (causal) continue;                                                                           \
-    T hr[W] = {0}, hi[W] = {0};                                                                     \
-    for (long i = N - 1; i >= 0; i--)                                                               \
-      for (int w = 0; w < nw; w++) {                                                                \
-        long o = 2 * ((r0 + w) * N + i), ob = 2 * ((r0 + w) * (N - 1) + i);                         \
-        T er = a[o], ei = a[o + 1];                                                                 \
-        if (i < N - 1) { T pr = b[ob], pi = b[ob + 1]; er -= pr * hr[w] - pi * hi[w]; ei -= pr * hi[w] + pi * hr[w]; } \
-        recip_##SFX(er, ei, &hr[w], &hi[w]);                                                        \
-        right[o] = hr[w]; right[o + 1] = hi[w];                                                     \
-        T sr = G[o] + er - a[o], si = G[o + 1] + ei - a[o + 1];                                     \
-        recip_##SFX(sr, si, &G[o], &G[o + 1]);                                                      \
-      }                                                                                             \
-  }                                                                                                 \
-}                                                                                                   \
-/* mu = gG * conj(-G^2): the adjoint of the pivot sum s_i (or of d_i when causal) */                \
-static inline void mu_##SFX(const T *gG, const T *G, long o, T *mr, T *mi) {                        \
-  T xr = G[o], xi = G[o + 1], qr = -(xr * xr - xi * xi), qi = 2 * xr * xi;                          \
-  *mr = gG[o] * qr - gG[o + 1] * qi; *mi = gG[o] * qi + gG[o + 1] * qr;                             \
-}                                                                                                   \
-/* One adjoint step: lam = mu + k conj(b g^2); the beta gradient is -k conj(g). */                  \
-static inline void adj_##SFX(T kr, T ki, T mr, T mi, T pr, T pi, T gr, T gi, T *lr, T *li, T *dbr, T *dbi) { \
-  T g2r = gr * gr - gi * gi, g2i = 2 * gr * gi;                                                     \
-  T cr = pr * g2r - pi * g2i, ci = -(pr * g2i + pi * g2r);                                          \
-  *lr = mr + kr * cr - ki * ci; *li = mi + kr * ci + ki * cr;                                       \
-  *dbr = -(kr * gr + ki * gi); *dbi = -(ki * gr - kr * gi);                                         \
-}                                                                                                   \
-/* Exact backward (PyTorch's convention: grad_x = grad_y * conj(dy/dx) for holomorphic maps).        \
-   gG: upstream gradient of G. Outputs ga (R,N) and gb (R,N-1). */                                  \
-void bk_backward_##SFX(const T *gG, const T *b, const T *G, const T *left, const T *right,          \
-                       T *ga, T *gb, long R, long N, int causal) {                                  \
-  if (causal) left = G;                                                                             \
-  GROUP_LOOP {                                                                                      \
-    int nw = NW;                                                                                    \
-    /* left adjoint, right to left: lam_i = mu_i + lam_{i+1} conj(b_i g_i^2), gb_i = -lam_{i+1} conj(g_i) */ \
-    T kr[W], ki[W];                                                                                 \
-    for (int w = 0; w < nw; w++) {                                                                  \
-      long o = 2 * ((r0 + w) * N + N - 1);                                                          \
-      mu_##SFX(gG, G, o, &kr[w], &ki[w]); ga[o] = kr[w]; ga[o + 1] = ki[w];                         \
-    }                                                                                               \
-    for (long i = N - 2; i >= 0; i--)                                                               \
-      for (int w = 0; w < nw; w++) {                                                                \
-        long o = 2 * ((r0 + w) * N + i), ob = 2 * ((r0 + w) * (N - 1) + i);                         \
-        T mr, mi; mu_##SFX(gG, G, o, &mr, &mi);                                                     \
-        adj_##SFX(kr[w], ki[w], mr, mi, b[ob], b[ob + 1], left[o], left[o + 1], &kr[w], &ki[w], &gb[ob], &gb[ob + 1]); \
-        ga[o] = kr[w]; ga[o + 1] = ki[w];                                                           \
-      }                                                                                             \
-    if (causal) continue;                                                                           \
-    /* right adjoint, left to right: lam_i = mu_i + lam_{i-1} conj(b_{i-1} h_i^2),                  \
-       gb_{i-1} += -lam_{i-1} conj(h_i); ga_i = lam_d_i + lam_e_i - mu_i (at i = 0, lam_e = mu) */   \
-    for (int w = 0; w < nw; w++) mu_##SFX(gG, G, 2 * (r0 + w) * N, &kr[w], &ki[w]);               \
-    for (long i = 1; i < N; i++)                                                                    \
-      for (int w = 0; w < nw; w++) {                                                                \
-        long o = 2 * ((r0 + w) * N + i), ob = 2 * ((r0 + w) * (N - 1) + i - 1);                     \
-        T mr, mi, dbr, dbi; mu_##SFX(gG, G, o, &mr, &mi);                                           \
-        adj_##SFX(kr[w], ki[w], mr, mi, b[ob], b[ob + 1], right[o], right[o + 1], &kr[w], &ki[w], &dbr, &dbi); \
-        gb[ob] += dbr; gb[ob + 1] += dbi;                                                           \
-        ga[o] += kr[w] - mr; ga[o + 1] += ki[w] - mi;                                               \
-      }                                                                                             \
-  }                                                                                                 \
-}
-DEFINE_KERNELS(double, c128)
-DEFINE_KERNELS(float, c64)
+#define W 8
+#define T 128
+#define LANES _Pragma("omp simd") for (int w = 0; w < W; w++)
+#define GROUP_LOOP _Pragma("omp parallel for schedule(static)") for (long r0 = 0; r0 < R; r0 += W)
 """
+
+# %% ../nbs/01_bk_core.ipynb #55cbfc4e
+C_KERNELS = r"""
+/* One tile: T positions of W rows, laid out position by position (t, w), real and imaginary parts apart. */
+typedef $F tile_$S[T][W];
+/* tile (t, w) <- src[row r0 + w, position i0 + off + t] of rows of length len. A lane past the last row repeats row
+   r0 (valid numbers, never stored); a position outside the row reads 0. src NULL: every entry is fill + 0i. The rows'
+   next tile (dir = +1 or -1 positions) is prefetched: each row is a stream of its own. */
+static void load_$S(const $F *src, long len, long R, long r0, long i0, long off, int nt, int dir, $F fill,
+                    tile_$S re, tile_$S im) {
+  long j0 = i0 + off; int lo = j0 < 0 ? -j0 : 0, hi = j0 + nt > len ? len - j0 : nt;
+  for (int w = 0; w < W; w++) {
+    if (!src) { for (int t = 0; t < nt; t++) { re[t][w] = fill; im[t][w] = 0; } continue; }
+    const $F *row = src + 2 * ((r0 + w < R ? r0 + w : r0) * len + j0);
+    for (int t = 0; t < lo; t++) { re[t][w] = 0; im[t][w] = 0; }
+    for (int t = lo; t < hi; t++) { re[t][w] = row[2 * t]; im[t][w] = row[2 * t + 1]; }
+    for (int t = hi > lo ? hi : lo; t < nt; t++) { re[t][w] = 0; im[t][w] = 0; }
+    for (int t = 0; t < nt; t += 64 / (2 * sizeof($F))) __builtin_prefetch(row + 2 * (t + dir * T));
+  }
+}
+/* dst[row r0 + w, position i0 + off + t] <- tile (t, w), for the rows and positions that exist; dst NULL: nothing */
+static void store_$S($F *dst, long len, long R, long r0, long i0, long off, int nt, tile_$S re, tile_$S im) {
+  if (!dst) return;
+  long j0 = i0 + off; int lo = j0 < 0 ? -j0 : 0, hi = j0 + nt > len ? len - j0 : nt;
+  for (int w = 0; w < W && r0 + w < R; w++) {
+    $F *row = dst + 2 * ((r0 + w) * len + j0);
+    for (int t = lo; t < hi; t++) { row[2 * t] = re[t][w]; row[2 * t + 1] = im[t][w]; }
+  }
+}
+/* g = 1/(x + iy), scaled by the larger component (Smith 1962), so that nothing under- or overflows on the way to a
+   representable result. p is the larger component and q the other, chosen by selects rather than a branch, so that
+   the lanes stay together. */
+static inline void recip_$S($F x, $F y, $F *gr, $F *gi) {
+  int big = (x < 0 ? -x : x) >= (y < 0 ? -y : y);
+  $F p = big ? x : y, q = big ? y : x, r = q / p, s = 1 / (p + q * r);
+  *gr = big ? s : r * s; *gi = big ? -r * s : -s;
+}
+/* One pivot step in every lane: d = a - b g (g: the last reciprocal pivot), g = 1/d; at the first position d = a */
+static inline void pivots_$S(int first, $F *ar, $F *ai, $F *br, $F *bi, $F *gr, $F *gi, $F *dr, $F *di,
+                             $F *outr, $F *outi) {
+  if (first) LANES { dr[w] = ar[w]; di[w] = ai[w]; }
+  else LANES { dr[w] = ar[w] - (br[w] * gr[w] - bi[w] * gi[w]); di[w] = ai[w] - (br[w] * gi[w] + bi[w] * gr[w]); }
+  LANES { recip_$S(dr[w], di[w], &gr[w], &gi[w]); outr[w] = gr[w]; outi[w] = gi[w]; }
+}
+/* Causal: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}; out g_i = 1/d_i.
+   Bidirectional: also e_{N-1} = a_{N-1}, e_i = a_i - b_i/e_{i+1}; out G_i = 1/(d_i + e_i - a_i), left_i = 1/d_i,
+   right_i = 1/e_i (G holds d_i between the two passes). */
+void bk_forward_$S(const $F *a, const $F *b, $F *G, $F *left, $F *right, long R, long N, int causal) {
+  GROUP_LOOP {
+    tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0};
+    for (long i0 = 0; i0 < N; i0 += T) {
+      int nt = N - i0 < T ? N - i0 : T;
+      load_$S(a, N, R, r0, i0, 0, nt, 1, 0, ar, ai); load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
+      for (int t = 0; t < nt; t++) pivots_$S(i0 + t == 0, ar[t], ai[t], br[t], bi[t], gr, gi, dr[t], di[t], gr_[t], gi_[t]);
+      if (causal) { store_$S(G, N, R, r0, i0, 0, nt, gr_, gi_); continue; }
+      store_$S(left, N, R, r0, i0, 0, nt, gr_, gi_); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
+    }
+    if (causal) continue;
+    for (long e0 = 0; e0 < N; e0 += T) {  /* tiles from the right end */
+      int nt = N - e0 < T ? N - e0 : T; long i0 = N - e0 - nt;
+      load_$S(a, N, R, r0, i0, 0, nt, -1, 0, ar, ai); load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, br, bi);
+      load_$S(G, N, R, r0, i0, 0, nt, -1, 0, dr, di);
+      for (int t = nt - 1; t >= 0; t--) {
+        $F er[W], ei[W];
+        pivots_$S(i0 + t == N - 1, ar[t], ai[t], br[t], bi[t], gr, gi, er, ei, br[t], bi[t]);  /* br: now 1/e */
+        LANES { $F sr = dr[t][w] + er[w] - ar[t][w], si = di[t][w] + ei[w] - ai[t][w];
+                recip_$S(sr, si, &dr[t][w], &di[t][w]); }
+      }
+      store_$S(right, N, R, r0, i0, 0, nt, br, bi); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
+    }
+  }
+}
+/* mu = gG * conj(-G^2): the adjoint of the pivot sum s_i (or of d_i when causal) */
+static inline void mu_$S($F ggr, $F ggi, $F xr, $F xi, $F *mr, $F *mi) {
+  $F qr = -(xr * xr - xi * xi), qi = 2 * xr * xi;
+  *mr = ggr * qr - ggi * qi; *mi = ggr * qi + ggi * qr;
+}
+/* One adjoint step: lam = mu + k conj(b g^2); the beta gradient is -k conj(g). */
+static inline void adj_$S($F kr, $F ki, $F mr, $F mi, $F pr, $F pi, $F gr, $F gi, $F *lr, $F *li, $F *dbr, $F *dbi) {
+  $F g2r = gr * gr - gi * gi, g2i = 2 * gr * gi;
+  $F cr = pr * g2r - pi * g2i, ci = -(pr * g2i + pi * g2r);
+  *lr = mr + kr * cr - ki * ci; *li = mi + kr * ci + ki * cr;
+  *dbr = -(kr * gr + ki * gi); *dbi = -(ki * gr - kr * gi);
+}
+/* Exact backward (PyTorch's convention: grad_x = grad_y * conj(dy/dx) for holomorphic maps).
+   gG: upstream gradient of G. Outputs ga (R,N) and, unless gb is NULL, gb (R,N-1). */
+void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, const $F *right,
+                    $F *ga, $F *gb, long R, long N, int causal) {
+  GROUP_LOOP {
+    tile_$S ggr, ggi, xr, xi, pr, pi, lr_, li_, outr, outi, dbr, dbi; $F kr[W], ki[W], mr[W], mi[W];
+    /* left adjoint, right to left: lam_i = mu_i + lam_{i+1} conj(b_i g_i^2), gb_i = -lam_{i+1} conj(g_i) */
+    for (long e0 = 0; e0 < N; e0 += T) {
+      int nt = N - e0 < T ? N - e0 : T; long i0 = N - e0 - nt;
+      load_$S(gG, N, R, r0, i0, 0, nt, -1, 0, ggr, ggi); load_$S(G, N, R, r0, i0, 0, nt, -1, 0, xr, xi);
+      load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, pr, pi);
+      $F (*lr)[W] = xr, (*li)[W] = xi;  /* causal: 1/d is G itself */
+      if (!causal) { load_$S(left, N, R, r0, i0, 0, nt, -1, 0, lr_, li_); lr = lr_; li = li_; }
+      for (int t = nt - 1; t >= 0; t--) {
+        LANES mu_$S(ggr[t][w], ggi[t][w], xr[t][w], xi[t][w], &mr[w], &mi[w]);
+        if (i0 + t == N - 1) LANES { kr[w] = mr[w]; ki[w] = mi[w]; }
+        else LANES adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr[t][w], li[t][w], &kr[w], &ki[w],
+                          &dbr[t][w], &dbi[t][w]);
+        LANES { outr[t][w] = kr[w]; outi[t][w] = ki[w]; }
+      }
+      store_$S(ga, N, R, r0, i0, 0, nt, outr, outi); store_$S(gb, N - 1, R, r0, i0, 0, nt, dbr, dbi);
+    }
+    if (causal) continue;
+    /* right adjoint, left to right: lam_i = mu_i + lam_{i-1} conj(b_{i-1} h_i^2),
+       gb_{i-1} += -lam_{i-1} conj(h_i); ga_i = lam_d_i + lam_e_i - mu_i (at i = 0, lam_e = mu) */
+    for (long i0 = 0; i0 < N; i0 += T) {
+      int nt = N - i0 < T ? N - i0 : T;
+      load_$S(gG, N, R, r0, i0, 0, nt, 1, 0, ggr, ggi); load_$S(G, N, R, r0, i0, 0, nt, 1, 0, xr, xi);
+      load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, pr, pi); load_$S(right, N, R, r0, i0, 0, nt, 1, 0, lr_, li_);
+      load_$S(ga, N, R, r0, i0, 0, nt, 1, 0, outr, outi); load_$S(gb, N - 1, R, r0, i0, -1, nt, 1, 0, dbr, dbi);
+      for (int t = 0; t < nt; t++) {
+        LANES mu_$S(ggr[t][w], ggi[t][w], xr[t][w], xi[t][w], &mr[w], &mi[w]);
+        if (i0 + t == 0) { LANES { kr[w] = mr[w]; ki[w] = mi[w]; } continue; }
+        LANES { $F er, ei;
+                adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr_[t][w], li_[t][w], &kr[w], &ki[w], &er, &ei);
+                dbr[t][w] += er; dbi[t][w] += ei; outr[t][w] += kr[w] - mr[w]; outi[t][w] += ki[w] - mi[w]; }
+      }
+      store_$S(ga, N, R, r0, i0, 0, nt, outr, outi); store_$S(gb, N - 1, R, r0, i0, -1, nt, dbr, dbi);
+    }
+  }
+}
+"""
+
+# %% ../nbs/01_bk_core.ipynb #0cd8f08d
+C_SOURCE = C_HEADER + "".join(Template(C_KERNELS).substitute(F=F, S=S) for F, S in (("double", "c128"), ("float", "c64")))
 
 # %% ../nbs/01_bk_core.ipynb #68c177c6
 def _compiler() -> str | None:
@@ -159,19 +204,28 @@ def _compiler() -> str | None:
     return None
 
 # %% ../nbs/01_bk_core.ipynb #981118db
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC"] + (
+    ["-march=native", "-mno-fma"] if platform.machine() in ("x86_64", "AMD64") else [])  # vector units, never FMA
+
+# %% ../nbs/01_bk_core.ipynb #2278c5a8
+def _cpu_flags() -> str:
+    "This CPU's feature flags (what -march=native compiles for), or '' where the system does not say"
+    p = Path("/proc/cpuinfo")
+    return next((l for l in p.read_text().splitlines() if l.startswith("flags")), "") if p.exists() else ""
+
+# %% ../nbs/01_bk_core.ipynb #79a485c0
 def _build_library() -> Path:
-    "Compile C_SOURCE into a shared library in the cache (once per source version)"
+    "Compile C_SOURCE into a shared library in the cache (once per source version, compiler and CPU kind)"
     cc = _compiler()
     if cc is None: raise RuntimeError("no C compiler found (set $CC, or install gcc)")
-    tag = hashlib.sha256((C_SOURCE + cc).encode()).hexdigest()[:16]
+    tag = hashlib.sha256("\n".join([C_SOURCE, cc, *_CFLAGS, _cpu_flags()]).encode()).hexdigest()[:16]
     out = cache_dir()/f"bk_kernel_{tag}.so"
     if out.exists(): return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         src, lib = Path(tmp)/"bk_kernel.c", Path(tmp)/"bk_kernel.so"
         src.write_text(C_SOURCE)
-        r = subprocess.run([cc, "-O3", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(lib)],
-                           capture_output=True, text=True)
+        r = subprocess.run([cc, *_CFLAGS, str(src), "-o", str(lib)], capture_output=True, text=True)
         if r.returncode: raise RuntimeError(f"{cc} failed to compile the BK-Core kernel:\n{r.stderr[-2000:]}")
         os.replace(lib, out)
     return out
@@ -198,39 +252,46 @@ def cpu_backend() -> str:
 
 # %% ../nbs/01_bk_core.ipynb #e9d7bc2f
 def _sfx(t: Tensor) -> str: return {torch.complex64: "c64", torch.complex128: "c128"}[t.dtype]
-def _ptr(t: Tensor): return ctypes.c_void_p(t.data_ptr())
+def _ptr(t: Tensor | None): return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+# %% ../nbs/01_bk_core.ipynb #62df5fb4
+def _ones_if_empty(beta: Tensor, like: Tensor) -> Tensor:
+    "beta itself, or the (R, N-1) ones that an empty beta stands for (for the paths that read b)"
+    R, N = like.shape
+    return beta if beta.numel() or N == 1 else like.new_ones(R, N - 1)
 
 # %% ../nbs/01_bk_core.ipynb #c159a4d0
 def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
     lib = _c_library()
     if lib is None:  # the fallback: the same recurrences in torch ops
         with torch.no_grad():
-            d, e = pivots(alpha, beta, causal)
+            d, e = pivots(alpha, _ones_if_empty(beta, alpha), causal)
             if causal: return 1 / d, alpha.new_empty(0), alpha.new_empty(0)
             return 1 / (d + e - alpha), 1 / d, 1 / e
-    alpha, beta = alpha.contiguous(), beta.contiguous()
+    alpha, b = alpha.contiguous(), beta.contiguous() if beta.numel() else None
     R, N = alpha.shape
     G = torch.empty_like(alpha)
     left = torch.empty(0, dtype=alpha.dtype) if causal else torch.empty_like(alpha)  # causal: 1/d is G itself
     right = torch.empty(0, dtype=alpha.dtype) if causal else torch.empty_like(alpha)
-    getattr(lib, f"bk_forward_{_sfx(alpha)}")(_ptr(alpha), _ptr(beta), _ptr(G), _ptr(left), _ptr(right), R, N, int(causal))
+    getattr(lib, f"bk_forward_{_sfx(alpha)}")(_ptr(alpha), _ptr(b), _ptr(G), _ptr(left), _ptr(right), R, N, int(causal))
     return G, left, right
 
 # %% ../nbs/01_bk_core.ipynb #514da899
 def _backward_cpu(grad_G, beta, G, left, right, causal):
     lib = _c_library()
     if lib is None: return _backward_torch(grad_G, beta, G, left, right, causal)
-    grad_G, beta = grad_G.contiguous(), beta.contiguous()
+    grad_G, b = grad_G.contiguous(), beta.contiguous() if beta.numel() else None
     R, N = G.shape
-    ga, gb = torch.empty_like(G), torch.empty_like(beta)
-    getattr(lib, f"bk_backward_{_sfx(G)}")(_ptr(grad_G), _ptr(beta), _ptr(G), _ptr(left), _ptr(right),
+    ga, gb = torch.empty_like(G), torch.empty_like(b) if b is not None else None  # b = 1: no gradient for it
+    getattr(lib, f"bk_backward_{_sfx(G)}")(_ptr(grad_G), _ptr(b), _ptr(G), _ptr(left), _ptr(right),
                                             _ptr(ga), _ptr(gb), R, N, int(causal))
-    return ga, gb
+    return ga, gb if gb is not None else torch.zeros_like(beta)
 
 # %% ../nbs/01_bk_core.ipynb #afecd20f
 def _backward_torch(grad_G, beta, G, left, right, causal):
     "The adjoint recurrences in torch ops (fallback when no compiler is available)"
     R, N = G.shape
+    given, beta = beta, _ones_if_empty(beta, G)
     if causal: left = G
     mu = grad_G * (-(G * G)).conj()
     lam_d, gb = [None] * N, torch.zeros_like(beta)
@@ -239,18 +300,19 @@ def _backward_torch(grad_G, beta, G, left, right, causal):
         gb[:, i] = -k * left[:, i].conj()
         k = mu[:, i] + k * (beta[:, i] * left[:, i] ** 2).conj(); lam_d[i] = k
     lam_d = torch.stack(lam_d, 1)
-    if causal: return lam_d, gb
-    lam_e, k = [mu[:, 0]], mu[:, 0]
-    for i in range(1, N):
-        gb[:, i - 1] += -k * right[:, i].conj()
-        k = mu[:, i] + k * (beta[:, i - 1] * right[:, i] ** 2).conj(); lam_e.append(k)
-    return lam_d + torch.stack(lam_e, 1) - mu, gb
+    if not causal:
+        lam_e, k = [mu[:, 0]], mu[:, 0]
+        for i in range(1, N):
+            gb[:, i - 1] += -k * right[:, i].conj()
+            k = mu[:, i] + k * (beta[:, i - 1] * right[:, i] ** 2).conj(); lam_e.append(k)
+        lam_d = lam_d + torch.stack(lam_e, 1) - mu
+    return lam_d, gb if given.numel() else torch.zeros_like(given)
 
 # %% ../nbs/01_bk_core.ipynb #1f07bb96
 @torch.library.custom_op("bk_nbdev::resolvent_diag", mutates_args=())
 def resolvent_diag_op(alpha: Tensor, beta: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    "G (R, N) and the reciprocal left/right pivots (both empty when causal: then 1/d is G)"
-    if alpha.is_cuda: return triton_forward(alpha, beta, causal)
+    "G (R, N) and the reciprocal left/right pivots (both empty when causal: then 1/d is G); an empty beta is b = 1"
+    if alpha.is_cuda: return triton_forward(alpha, _ones_if_empty(beta, alpha), causal)
     return _forward_cpu(alpha, beta, causal)
 @resolvent_diag_op.register_fake
 def _(alpha, beta, causal):
@@ -262,7 +324,9 @@ def _(alpha, beta, causal):
 def resolvent_diag_backward_op(grad_G: Tensor, beta: Tensor, G: Tensor, left: Tensor, right: Tensor,
                                causal: bool) -> tuple[Tensor, Tensor]:
     "Gradients for alpha and beta, given the upstream gradient of G"
-    if G.is_cuda: return triton_backward(grad_G, beta, G, left, right, causal)
+    if G.is_cuda:
+        ga, gb = triton_backward(grad_G, _ones_if_empty(beta, G), G, left, right, causal)
+        return ga, gb if beta.numel() else torch.zeros_like(beta)
     return _backward_cpu(grad_G, beta, G, left, right, causal)
 @resolvent_diag_backward_op.register_fake
 def _(grad_G, beta, G, left, right, causal): return torch.empty_like(G), torch.empty_like(beta)
@@ -285,7 +349,9 @@ resolvent_diag_op.register_autograd(_backward, setup_context=_setup_context)
 
 # %% ../nbs/01_bk_core.ipynb #9af8baef
 def _check_finite(name, t):
-    if not torch.isfinite(torch.view_as_real(t) if t.is_complex() else t).all():
+    "Refuse inf or NaN in t, in one pass over it: its smallest and largest values (NaN propagates to both)"
+    lo, hi = torch.aminmax(torch.view_as_real(t) if t.is_complex() else t) if t.numel() else (t.new_zeros(()),) * 2
+    if not (lo.isfinite() & hi.isfinite()):
         raise ValueError(f"bk_core: {name} contains non-finite values (inf or NaN); the resolvent is only defined "
                          "for finite input")
 
@@ -319,14 +385,14 @@ def bk_core(
         raise ValueError(f"bk_core: Im z must be > 0 (the resolvent is then bounded by 1/Im z), got Im z = "
                          f"{z.imag.min().item():g}")
     alpha = (v.to(rdt) + h0).to(dtype) - (z.to(dtype)[:, None] if z.dim() else z.to(dtype))
-    if b is None: beta = torch.ones(R, N - 1, dtype=dtype, device=v.device)
+    if b is None: beta = alpha.new_empty(0)  # b = 1, which the kernels do not read
     else:
         if not b.is_floating_point() or b.shape[-1] != N - 1 or b.dim() not in (1, 2) or (b.dim() == 2 and b.shape[0] != R):
             raise ValueError(f"bk_core: b must be a real floating tensor of shape ({N - 1},) or ({R}, {N - 1}), got "
                              f"{b.dtype} {tuple(b.shape)}")
         _check_finite("b", b)
         beta = (b.to(rdt) ** 2).to(dtype).expand(R, N - 1)
-    if not use_analytic_gradient: return resolvent_diag_recurrence(alpha, beta, causal)
+    if not use_analytic_gradient: return resolvent_diag_recurrence(alpha, _ones_if_empty(beta, alpha), causal)
     return resolvent_diag_op(alpha, beta.contiguous(), causal)[0]
 
 # %% ../nbs/01_bk_core.ipynb #3003d38a

@@ -57,6 +57,7 @@ class _BenchmarkConfigMethods:
         own = {f.name for f in fields(MODEL_TYPES[self.model_type][1])} | {f.name for f in fields(TrainConfig)}
         foreign = [n for n, _, d in _FIELDS[len(RUN_FIELDS):] if n not in own and getattr(self, n) != d]
         if foreign: raise ValueError(f"{foreign} do not apply to model_type={self.model_type!r}")
+        self.train_config()  # TrainConfig checks its numbers: a bad one fails here, before any training
 
     def _part(self, cls, **extra): return cls(**extra, **{f.name: getattr(self, f.name) for f in fields(cls) if f.name not in extra})
     def model_config(self, vocab_size: int): return self._part(MODEL_TYPES[self.model_type][1], vocab_size=vocab_size)

@@ -32,6 +32,14 @@ __all__ = ['TRAIN_FLAGS', 'OBSERVE_FIELDS', 'TrainConfig', 'train_streams', 'war
            'start_run', 'save_checkpoint', 'load_checkpoint', 'train_step', 'validate_subset', 'active_plan',
            'epoch_batches', 'train_epoch', 'end_epoch']
 
+# %% ../nbs/05_training.ipynb #55e9efdb
+def _finite_at_least(cfg, **lows):
+    "Each field named in `lows` must be a finite number no smaller than its bound"
+    for k, low in lows.items():
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low:
+            raise ValueError(f"{k} must be a finite number >= {low}, got {v!r}")
+
 # %% ../nbs/05_training.ipynb #1a1646dc
 TRAIN_FLAGS = ("use_mixed_precision", "use_quantization", "use_pruning", "use_curriculum", "use_active_learning")
 OBSERVE_FIELDS = ("log_every", "evals_per_epoch", "val_tokens", "tensorboard_dir")  # record a run, change nothing in it
@@ -71,7 +79,10 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"TrainConfig.{k} must be a positive integer, got {v!r}")
-        if self.lr <= 0: raise ValueError(f"lr must be > 0, got {self.lr}")
+        _finite_at_least(self, weight_decay=0, grad_clip=0, warmup_steps=0, max_train_tokens=0, timing_warmup_steps=0)
+        if not (math.isfinite(self.lr) and self.lr > 0): raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.val_tokens < 0: raise ValueError(f"val_tokens must be >= 0 (0: the whole split), got {self.val_tokens}")
         if self.active_selection not in ("loss", "random"):
             raise ValueError(f"active_selection must be 'loss' or 'random', got {self.active_selection!r}")
