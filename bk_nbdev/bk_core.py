@@ -258,7 +258,7 @@ def _ptr(t: Tensor | None): return ctypes.c_void_p(None if t is None else t.data
 def _ones_if_empty(beta: Tensor, like: Tensor) -> Tensor:
     "beta itself, or the (R, N-1) ones that an empty beta stands for (for the paths that read b)"
     R, N = like.shape
-    return beta if beta.numel() or N == 1 else like.new_ones(R, N - 1)
+    return beta if beta.numel() else like.new_ones(R, N - 1)
 
 # %% ../nbs/01_bk_core.ipynb #c159a4d0
 def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
