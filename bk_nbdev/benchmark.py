@@ -6,8 +6,8 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/benchmark.html.md"""
 
 # %% ../nbs/06_benchmark.ipynb #b7fadec3
 from __future__ import annotations
-import datetime, json, os, platform, re, subprocess, sys
-from dataclasses import asdict, dataclass, fields, replace
+import datetime, json, math, os, platform, re, subprocess, sys
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -19,13 +19,13 @@ from .curves import plot_curves, plot_training_flops
 from .data import load_corpus
 from .head import bf16_is_fast
 from .runtime import atomic_write_bytes, dist_info, init_distributed, resolve_device
-from .training import TrainResult
+from .training import OBSERVE_FIELDS, TrainResult
 from .trainer import train
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['BenchmarkResults', 'cpu_model', 'run_metadata', 'results_of', 'WikiText2Benchmark', 'worker_main',
-           'launch_distributed', 'benchmark_notebook', 'run_presets', 'main']
+__all__ = ['DEFAULTS', 'BenchmarkResults', 'cpu_model', 'run_metadata', 'results_of', 'read_results', 'same_run', 'reuse_note',
+           'WikiText2Benchmark', 'worker_main', 'launch_distributed', 'benchmark_notebook', 'run_presets', 'main']
 
 # %% ../nbs/06_benchmark.ipynb #3ade9f26
 @dataclass
@@ -98,6 +98,41 @@ def results_of(config: BenchmarkConfig, r: TrainResult, parameters: int, metadat
                    parameters=parameters, config=config.to_dict(), metadata=metadata)
     return BenchmarkResults(**derived, **{k.name: getattr(r, k.name) for k in fields(BenchmarkResults) if k.name not in derived})
 
+# %% ../nbs/06_benchmark.ipynb #bf1e9ce2
+def _is_perplexity(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 1
+
+# %% ../nbs/06_benchmark.ipynb #443f3ebf
+def read_results(path: str | Path) -> dict:
+    "The results file at `path`, checked against `BenchmarkResults`; any error names the file"
+    path = Path(path)
+    try: r = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"results file {path} cannot be read: {e}") from None
+    missing = [f.name for f in fields(BenchmarkResults) if f.name not in r] if isinstance(r, dict) else ["everything"]
+    if missing: raise ValueError(f"results file {path} is not a benchmark's results: it lacks {missing}")
+    bad = [k for k in ("final_perplexity", "best_perplexity", "test_perplexity") if not _is_perplexity(r[k])]
+    if not isinstance(r["config"], dict): bad.append("config")
+    if bad: raise ValueError(f"results file {path} holds no real run: {bad} are not finite perplexities >= 1 (or a config)")
+    return r
+
+# %% ../nbs/06_benchmark.ipynb #8b26d22d
+DEFAULTS = json.loads(json.dumps({f.name: f.default for f in fields(BenchmarkConfig) if f.default is not MISSING},
+                                 default=str))  # as a stored config has them
+
+# %% ../nbs/06_benchmark.ipynb #90811431
+def same_run(stored: dict, cfg: BenchmarkConfig) -> bool:
+    "Whether a stored results config trains exactly what `cfg` trains (observing fields set aside, missing ones at default)"
+    trained = lambda d: {k: v for k, v in {**DEFAULTS, **d}.items() if k not in OBSERVE_FIELDS}
+    return trained(stored) == trained(cfg.to_dict())
+
+# %% ../nbs/06_benchmark.ipynb #cc8fd7f3
+def reuse_note(stored: dict, path: Path) -> str:
+    "What a reuse of the stored run at `path` says: the file, and the commit it was trained at when it is not this one's"
+    then, now = stored["metadata"].get("git_commit", "unknown"), _git_commit()
+    differs = "" if then == now else f"; trained at commit {then[:12]}, this checkout is {now[:12]} (force: train again)"
+    return f"reusing {path}: the same configuration{differs}"
+
 # %% ../nbs/06_benchmark.ipynb #bf6bc046
 class WikiText2Benchmark:
     "Run, store, compare and plot benchmark configurations"
@@ -110,12 +145,28 @@ class WikiText2Benchmark:
     def load_results(self, model_name: str) -> dict:
         p = self.results_path(model_name)
         if not p.exists(): raise FileNotFoundError(f"No results for {model_name!r}: {p} does not exist")
-        return json.loads(p.read_text())
+        return read_results(p)
+
+# %% ../nbs/06_benchmark.ipynb #427000e8
+@patch
+def stored_run(self: WikiText2Benchmark, config: BenchmarkConfig, force: bool = False) -> BenchmarkResults | None:
+    "The stored results of `config`, None when there are none (or `force`); other results under its name are refused"
+    p = self.results_path(config.model_name)
+    if force or not p.exists(): return None
+    stored = read_results(p)
+    if not same_run(stored["config"], config):
+        raise FileExistsError(f"{p} holds another run named {config.model_name!r}; give this one another model_name, or "
+                              "force it (bk-benchmark --force, papermill -p force True) to replace those results")
+    if dist_info()[0] == 0: print(reuse_note(stored, p))
+    return BenchmarkResults(**{f.name: stored[f.name] for f in fields(BenchmarkResults)})
 
 # %% ../nbs/06_benchmark.ipynb #1a4cfd93
 @patch
-def run_benchmark(self: WikiText2Benchmark, config: BenchmarkConfig, progress: bool = True) -> BenchmarkResults:
-    "Train `config`, write `{model_name}_results.json`, return the results"
+def run_benchmark(self: WikiText2Benchmark, config: BenchmarkConfig, progress: bool = True,
+                  force: bool = False) -> BenchmarkResults:
+    "Train `config`, write `{model_name}_results.json`, return the results (read back if they exist, unless `force`)"
+    stored = self.stored_run(config, force)
+    if stored is not None: return stored
     device = resolve_device(config.device)
     corpus = load_corpus(config.dataset, config.data_dir or None)
     model = config.build_model(len(corpus.vocab))
@@ -175,21 +226,24 @@ def worker_main(argv: list[str] | None = None):
     ap.add_argument("--preset", required=True); ap.add_argument("--output-dir", default="benchmark_results")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds before a collective gives up on a dead rank")
+    ap.add_argument("--force", action="store_true", help="train even if results exist, and replace them")
     a = ap.parse_args(argv)
     overrides = dict(kv.split("=", 1) for kv in a.param)
     rank, world, backend = init_distributed(a.timeout)
     try:
-        res = WikiText2Benchmark(a.output_dir).run_benchmark(load_preset(a.preset, **overrides), progress=rank == 0)
+        res = WikiText2Benchmark(a.output_dir).run_benchmark(load_preset(a.preset, **overrides), rank == 0, a.force)
         if rank == 0: print(f"{res.model_name}: test perplexity {res.test_perplexity:.3f} ({world} process(es), {backend or 'no backend'})")
     finally:
         if world > 1: torch.distributed.destroy_process_group()
 
 # %% ../nbs/06_benchmark.ipynb #d2c16f80
-def launch_distributed(preset: str, nproc: int, output_dir: str | Path, overrides: dict | None = None, timeout: float = 600.0):
+def launch_distributed(preset: str, nproc: int, output_dir: str | Path, overrides: dict | None = None, timeout: float = 600.0,
+                       force: bool = False):
     "Run `preset` data-parallel over `nproc` local processes with torchrun; raises if any rank fails"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "bk_nbdev.benchmark", "--preset", preset, "--output-dir", str(output_dir), "--timeout", str(timeout)]
     for k, v in (overrides or {}).items(): cmd += ["-p", f"{k}={v}"]
+    if force: cmd.append("--force")
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"torchrun with {nproc} processes failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
@@ -207,7 +261,7 @@ def benchmark_notebook() -> Path:
 
 # %% ../nbs/06_benchmark.ipynb #41f80010
 def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results", overrides: dict | None = None,
-                notebook: str | Path | None = None, progress: bool = True, nproc: int = 1) -> list[str]:
+                notebook: str | Path | None = None, progress: bool = True, nproc: int = 1, force: bool = False) -> list[str]:
     "Run each preset through papermill, then compare them; returns the model names"
     import papermill as pm
     overrides = overrides or {}
@@ -215,11 +269,13 @@ def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results"
     nb = Path(notebook) if notebook else benchmark_notebook()
     bench = WikiText2Benchmark(output_dir)
     bench.output_dir.mkdir(parents=True, exist_ok=True)
+    stored = [bench.stored_run(c, force) for c in configs]  # read back, or refused, before anything runs
     nb_dir = os.path.relpath(Path(output_dir).resolve(), nb.parent.resolve())  # the notebook runs in its own folder
-    for preset, cfg in zip(presets, configs):
+    for preset, cfg, done in zip(presets, configs, stored):
+        if done is not None: continue
         print(f"== {preset} -> {cfg.model_name}", flush=True)
         pm.execute_notebook(os.path.relpath(nb), str(bench.output_dir/f"{cfg.model_name}_benchmark.ipynb"),  # recorded as given
-                            parameters={"preset": preset, "output_dir": nb_dir, "nproc": nproc, **overrides},
+                            parameters={"preset": preset, "output_dir": nb_dir, "nproc": nproc, "force": force, **overrides},
                             cwd=str(nb.parent), progress_bar=progress)
     names = [c.model_name for c in configs]
     for j in range(len(names)):
@@ -240,11 +296,12 @@ def main(argv: list[str] | None = None):
     ap.add_argument("-p", "--param", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
     ap.add_argument("--notebook", default=None, help="path to 06_benchmark.ipynb")
     ap.add_argument("--nproc", type=int, default=1, help="data-parallel processes per configuration (torchrun)")
+    ap.add_argument("--force", action="store_true", help="train even if results of a model_name exist, and replace them")
     a = ap.parse_args(argv)
     overrides = {}
     for kv in a.param:
         if "=" not in kv: ap.error(f"-p expects FIELD=VALUE, got {kv!r}")
         k, v = kv.split("=", 1); overrides[k.strip()] = v.strip()
     if a.nproc < 1: ap.error(f"--nproc must be >= 1, got {a.nproc}")
-    try: run_presets(a.presets, a.output_dir, overrides, a.notebook, nproc=a.nproc)
-    except (ValueError, FileNotFoundError) as e: ap.error(str(e))
+    try: run_presets(a.presets, a.output_dir, overrides, a.notebook, nproc=a.nproc, force=a.force)
+    except (ValueError, FileNotFoundError, FileExistsError) as e: ap.error(str(e))

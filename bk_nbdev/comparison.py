@@ -7,39 +7,28 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/comparison.html.md"""
 # %% ../nbs/07_comparison.ipynb #d1c3685e
 from __future__ import annotations
 import csv, json
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
-from .benchmark import BenchmarkResults, WikiText2Benchmark
+from .benchmark import WikiText2Benchmark, read_results
 from .config import BenchmarkConfig, FLAGS, load_preset
 from .curves import POSITION, final_subset_perplexity, reach, subset_points
 from .runtime import atomic_write_bytes, in_fresh_process
-from .training import OBSERVE_FIELDS
 
 # %% auto #0
-__all__ = ['REQUIRED', 'CLAIMS', 'OWN_MEASURE', 'NOTES', 'VARIANTS', 'DEFAULTS', 'load_all_results', 'write_table', 'print_table',
-           'role', 'model_table', 'bar_charts', 'standard_pairs', 'full_settings', 'ablation_configs',
-           'run_in_fresh_process', 'same_run', 'run_or_reuse', 'time_to_quality', 'run_ablation', 'ablation_table']
-
-# %% ../nbs/07_comparison.ipynb #bdac0e23
-REQUIRED = [f.name for f in fields(BenchmarkResults)]
+__all__ = ['CLAIMS', 'OWN_MEASURE', 'NOTES', 'VARIANTS', 'load_all_results', 'write_table', 'print_table', 'role', 'model_table',
+           'bar_charts', 'standard_pairs', 'full_settings', 'ablation_configs', 'run_in_fresh_process', 'run_or_reuse',
+           'time_to_quality', 'run_ablation', 'ablation_table']
 
 # %% ../nbs/07_comparison.ipynb #bbae8b97
 def load_all_results(results_dir: str | Path) -> dict[str, dict]:
-    "Every `*_results.json` under `results_dir` (or its `wikitext2/`), validated, by model name"
+    "Every `*_results.json` under `results_dir` (or its `wikitext2/`), checked by 06's `read_results`, by model name"
     d = Path(results_dir)
     if (d/"wikitext2").is_dir(): d = d/"wikitext2"
     if not d.is_dir(): raise FileNotFoundError(f"results_dir {str(d)!r} does not exist")
     files = sorted(d.glob("*_results.json"))
     if not files: raise FileNotFoundError(f"No *_results.json files in {str(d)!r}")
-    out = {}
-    for f in files:
-        try: r = json.loads(f.read_text())
-        except json.JSONDecodeError as e: raise ValueError(f"{f} is not valid JSON: {e}") from None
-        missing = [k for k in REQUIRED if k not in r]
-        if missing: raise ValueError(f"{f} lacks the field(s) {missing}")
-        out[r["model_name"]] = r
-    return out
+    return {r["model_name"]: r for r in map(read_results, files)}
 
 # %% ../nbs/07_comparison.ipynb #5fca0f2f
 def write_table(rows: list[dict], stem: str | Path):
@@ -177,21 +166,11 @@ def run_in_fresh_process(cfg: BenchmarkConfig, output_dir: str | Path, progress:
     "Run one configuration in a new Python process, so that its peak memory owes nothing to earlier runs"
     return in_fresh_process("bk_nbdev.comparison._run_config", asdict(cfg), str(output_dir), progress)
 
-# %% ../nbs/07_comparison.ipynb #61cbdb49
-DEFAULTS = json.loads(json.dumps({f.name: f.default for f in fields(BenchmarkConfig) if f.default is not MISSING},
-                                 default=str))  # as a stored config has them
-
-def same_run(stored: dict, cfg: BenchmarkConfig) -> bool:
-    "Whether a stored results config trains exactly what `cfg` trains (observing fields set aside, missing ones at default)"
-    trained = lambda d: {k: v for k, v in {**DEFAULTS, **d}.items() if k not in OBSERVE_FIELDS}
-    return trained(stored) == trained(cfg.to_dict())
-
 # %% ../nbs/07_comparison.ipynb #9c6165c4
 def run_or_reuse(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = False) -> dict:
-    "The results of `cfg` in `output_dir`: read back when they exist for the same run, else run in a fresh process"
-    p = WikiText2Benchmark(output_dir).results_path(cfg.model_name)
-    if p.exists() and same_run(json.loads(p.read_text())["config"], cfg): return json.loads(p.read_text())
-    return run_in_fresh_process(cfg, output_dir, progress)
+    "The results of `cfg` in `output_dir`: read back when they exist for the same run (06's `stored_run`), else run in a fresh process"
+    stored = WikiText2Benchmark(output_dir).stored_run(cfg)
+    return asdict(stored) if stored is not None else run_in_fresh_process(cfg, output_dir, progress)
 
 # %% ../nbs/07_comparison.ipynb #bd371079
 def _change(a, b):

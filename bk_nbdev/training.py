@@ -6,7 +6,7 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/training.html.md"""
 
 # %% ../nbs/05_training.ipynb #b90e921a
 from __future__ import annotations
-import math, random, time
+import math, pickle, random, time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, asdict
 from itertools import accumulate
@@ -240,7 +240,10 @@ def save_checkpoint(run: TrainRun, path: Path):
 # %% ../nbs/05_training.ipynb #5fad3452
 def load_checkpoint(run: TrainRun, path: Path):
     "Restore the run's state from `path` (written by as many processes)"
-    c = torch.load(path, weights_only=False, map_location=run.device)
+    try: c = torch.load(path, weights_only=False, map_location=run.device)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to start the run "
+                         "from the beginning") from None
     run.model.load_state_dict(c["model"]); run.opt.load_state_dict(c["opt"]); run.sched.load_state_dict(c["sched"])
     if run.scaler and c.get("scaler"): run.scaler.load_state_dict(c["scaler"])
     run.result, run.best_state, run.epoch, run.step = TrainResult(**c["result"]), c["best_state"], c["epoch"], c["step"]
