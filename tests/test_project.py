@@ -191,3 +191,11 @@ def test_readme_results_are_rendered_from_the_reference_json():
     from bk_nbdev.report import results_markdown
     assert results_markdown(ROOT / "results" / "reference") in (ROOT / "README.md").read_text(), \
         "README.md's Results differ from results/reference: run python -m bk_nbdev.report"
+
+
+def test_every_committed_results_file_reads_back():
+    "The published runs pass the same check as any results file the benchmark reads back"
+    from bk_nbdev.benchmark import read_results
+    files = sorted((ROOT / "results").rglob("*_results.json"))
+    assert len(files) >= 50, len(files)
+    for f in files: read_results(f)
