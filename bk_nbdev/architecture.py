@@ -58,6 +58,8 @@ def check_flag_settings(cfg: ConfigurableResNetBKConfig):
         raise ValueError(f"use_multi_scale needs n_layers >= 3 (a middle layer), got n_layers={cfg.n_layers}")
     if cfg.use_early_exit and cfg.n_layers < 2:
         raise ValueError(f"use_early_exit needs n_layers >= 2, got n_layers={cfg.n_layers}")
+    if cfg.use_sparse_bk and cfg.mixer == "none":
+        raise ValueError("use_sparse_bk gates the BK potential: it needs mixer='default', got mixer='none'")
     if not 0 < cfg.sparse_target < 1: raise ValueError(f"sparse_target must be in (0, 1), got {cfg.sparse_target}")
     if not 0 < cfg.act_epsilon < 1: raise ValueError(f"act_epsilon must be in (0, 1), got {cfg.act_epsilon}")
     if not 0 < cfg.exit_threshold <= 1: raise ValueError(f"exit_threshold must be in (0, 1], got {cfg.exit_threshold}")

@@ -18,12 +18,13 @@ from .bk_core import bk_core
 from .head import LMHead, AdaptiveHead
 
 # %% auto #0
-__all__ = ['LM_HEADS', 'ModelConfig', 'make_head', 'make_config', 'TransformerConfig', 'ResNetBKConfig', 'CausalLM',
+__all__ = ['LM_HEADS', 'MIXERS', 'ModelConfig', 'make_head', 'make_config', 'TransformerConfig', 'ResNetBKConfig', 'CausalLM',
            'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'MoEFFN', 'BKMixer', 'ResNetBKLayer',
            'ResNetBKBlock', 'ResNetBKLM', 'check_causal', 'expected_params', 'train_steps']
 
 # %% ../nbs/03_models.ipynb #7ba064f1
 LM_HEADS = ("fused", "unfused", "adaptive")
+MIXERS = ("default", "none")  # the model's own sequence mixing, or none (the control: each token sees only itself)
 
 # %% ../nbs/03_models.ipynb #7d58fb92
 @dataclass
@@ -37,6 +38,7 @@ class ModelConfig:
     tie_weights: bool = False   # share the token embedding with the LM head
     lm_head: str = "fused"      # 'fused' (chunked cross-entropy), 'unfused' (F.linear + F.cross_entropy), 'adaptive'
     adaptive_cutoffs: tuple = (2000, 10000)  # frequency-rank boundaries of the adaptive softmax's clusters
+    mixer: str = "default"      # 'default': the model's sequence mixing (attention, BK-Core); 'none': removed (the control)
 
     def __post_init__(self):
         for k in ("vocab_size", "d_model", "n_layers", "n_seq"):
@@ -46,6 +48,7 @@ class ModelConfig:
         if self.vocab_size < 2: raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
         if not 0 <= self.dropout < 1: raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.lm_head not in LM_HEADS: raise ValueError(f"lm_head must be one of {LM_HEADS}, got {self.lm_head!r}")
+        if self.mixer not in MIXERS: raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
         if self.lm_head == "adaptive":
             c = list(self.adaptive_cutoffs)
             if not c or c != sorted(set(c)) or c[0] < 1 or c[-1] >= self.vocab_size:
@@ -162,13 +165,14 @@ class CausalSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn = CausalSelfAttention(cfg)
+        mixing = cfg.mixer == "default"
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model) if mixing else None, nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg) if mixing else None  # mixer 'none': the block is its FFN alone
         self.ffn = nn.Sequential(nn.Linear(cfg.d_model, cfg.ffn_mult * cfg.d_model), nn.GELU(),
                                  nn.Linear(cfg.ffn_mult * cfg.d_model, cfg.d_model), nn.Dropout(cfg.dropout))
 
     def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+        if self.attn is not None: x = x + self.attn(self.ln1(x))
         return x + self.ffn(self.ln2(x))
 
 # %% ../nbs/03_models.ipynb #a4c7226d
@@ -242,7 +246,7 @@ class ResNetBKLayer(nn.Module):
     def __init__(self, cfg: ResNetBKConfig):
         super().__init__()
         self.moe = MoEFFN(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.dropout)
-        self.bk = BKMixer(cfg)
+        self.bk = BKMixer(cfg) if cfg.mixer == "default" else None  # mixer 'none': the layer is its MoE FFN alone
 
     def forward(self, h: Tensor, potential=None, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
         B, N, D = h.shape
@@ -252,6 +256,7 @@ class ResNetBKLayer(nn.Module):
             sub, balance = self.moe(flat[active])
             ffn = flat.new_zeros(B * N, D).index_copy(0, active, sub)
         ffn = ffn.view(B, N, D)
+        if self.bk is None: return ffn, balance
         v = self.bk.v_proj(ffn)
         if potential is not None: v = potential(ffn, v)
         return ffn + self.bk(ffn, v=v), balance
@@ -314,10 +319,10 @@ def expected_params(cfg: ModelConfig) -> int:
     common = V * d + S * d + 2 * d + _head_params(cfg)
     if isinstance(cfg, TransformerConfig):
         f = cfg.ffn_mult
-        block = 4 * d * d + 4 * d + 2 * f * d * d + f * d + d + 4 * d
+        block = 2 * f * d * d + f * d + d + 2 * d + (4 * d * d + 4 * d + 2 * d) * (cfg.mixer == "default")
     elif isinstance(cfg, ResNetBKConfig):
         E, C = cfg.num_experts, cfg.bk_channels
-        block = 2 * d + d * E + E + E * (4 * d * d + 3 * d) + d * C + C + 2 * C * d + d + 1
+        block = 2 * d + d * E + E + E * (4 * d * d + 3 * d) + (d * C + C + 2 * C * d + d + 1) * (cfg.mixer == "default")
     else: raise TypeError(f"no closed form for {type(cfg).__name__}")
     return common + L * block
 

@@ -66,10 +66,8 @@ def test_two_process_run_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):
-    t0 = time.time()
     with pytest.raises(Exception, match="rank 1 fails on purpose"):
         _run(2, tmp_path, fail_rank=1)
-    assert time.time() - t0 < 90
 
 
 def test_torchrun_benchmark_rank0_writes_once(tmp_path):
