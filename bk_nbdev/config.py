@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import bk_nbdev
-from .models import TransformerLM, TransformerConfig
+from .models import LSTMLM, LSTMConfig, TransformerLM, TransformerConfig
 from .architecture import ConfigurableResNetBK, ConfigurableResNetBKConfig, ARCH_FLAGS
 from .training import TrainConfig, TRAIN_FLAGS
 
@@ -23,7 +23,8 @@ __all__ = ['FLAGS', 'MODEL_TYPES', 'RUN_FIELDS', 'BenchmarkConfig', 'PRESETS_ENV
 
 # %% ../nbs/05b_config.ipynb #ea0a2c8d
 FLAGS = ("use_analytic_gradient",) + ARCH_FLAGS + TRAIN_FLAGS
-MODEL_TYPES = {"transformer": (TransformerLM, TransformerConfig), "resnet_bk": (ConfigurableResNetBK, ConfigurableResNetBKConfig)}
+MODEL_TYPES = {"transformer": (TransformerLM, TransformerConfig), "resnet_bk": (ConfigurableResNetBK, ConfigurableResNetBKConfig),
+               "lstm": (LSTMLM, LSTMConfig)}
 RUN_FIELDS = [("model_name", "str", "resnet_bk_baseline"),
               ("model_type", "str", "resnet_bk"),       # a key of MODEL_TYPES
               ("dataset", "str", "wikitext-2-v1"),      # 'wikitext-2-v1', 'wikitext-2-raw-v1' or 'synthetic'
@@ -75,7 +76,7 @@ class _BenchmarkConfigMethods:
     def digest(self) -> str: return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 # %% ../nbs/05b_config.ipynb #4fcac8d6
-_FIELDS = RUN_FIELDS + composed_fields([ConfigurableResNetBKConfig, TransformerConfig, TrainConfig],
+_FIELDS = RUN_FIELDS + composed_fields([ConfigurableResNetBKConfig, TransformerConfig, LSTMConfig, TrainConfig],
                                        defaults={f: False for f in FLAGS})
 BenchmarkConfig = dataclasses.make_dataclass("BenchmarkConfig", [(n, t, field(default=d)) for n, t, d in _FIELDS],
     bases=(_BenchmarkConfigMethods,), namespace={"__module__": __name__,

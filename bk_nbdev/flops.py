@@ -152,6 +152,7 @@ def _part(name: str) -> str | None:
     parts = name.split(".")
     if len(parts) >= 2 and parts[1] == "head": return "lm_head"
     if len(parts) >= 2 and parts[1] in ("tok_emb", "pos_emb"): return "embedding"
+    if len(parts) >= 2 and parts[1] == "lstm": return "lstm"
     if len(parts) >= 3 and parts[1] == "blocks":
         sub = parts[3:]
         if sub[:1] == ["attn"]: return "attention"
@@ -207,7 +208,7 @@ def _breakdown(counts: dict, top: str) -> tuple[dict, int, int]:
         if len(p) == 3 and p[1] == "blocks": blocks[f"block {p[2]}"] += n
     loss_ops = lambda key: sum(n for op, n in counts.get(key, {}).items() if op in LOSS_OPS)
     loss = loss_ops("Global") - loss_ops(f"{top}.head")  # a head that computes the loss counts it as its own
-    breakdown = {**{k: both[k] for k in ("embedding", "attention", "bk_core", "ffn", "moe_ffn", "lm_head") if k in both},
+    breakdown = {**{k: both[k] for k in ("embedding", "attention", "bk_core", "lstm", "ffn", "moe_ffn", "lm_head") if k in both},
                  **dict(sorted(blocks.items())), "loss": loss}
     return breakdown, both.get("lm_head", 0), loss
 

@@ -20,7 +20,7 @@ from .head import LMHead, AdaptiveHead
 # %% auto #0
 __all__ = ['LM_HEADS', 'MIXERS', 'ModelConfig', 'make_head', 'make_config', 'TransformerConfig', 'ResNetBKConfig', 'CausalLM',
            'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'MoEFFN', 'BKMixer', 'ResNetBKLayer',
-           'ResNetBKBlock', 'ResNetBKLM', 'check_causal', 'expected_params', 'train_steps']
+           'ResNetBKBlock', 'ResNetBKLM', 'LSTMConfig', 'LSTMLM', 'check_causal', 'expected_params', 'train_steps']
 
 # %% ../nbs/03_models.ipynb #7ba064f1
 LM_HEADS = ("fused", "unfused", "adaptive")
@@ -291,6 +291,41 @@ class ResNetBKLM(CausalLM):
         self.aux["moe_balance"] = self.cfg.moe_balance_weight * balance
         self._stats["moe_balance"] = float(balance.detach())
 
+# %% ../nbs/03_models.ipynb #f4604f23
+@dataclass
+class LSTMConfig(ModelConfig):
+    "An LSTM language model: nn.LSTM of n_layers layers of width d_model"
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mixer != "default": raise ValueError(f"an LSTM is its recurrence: mixer must be 'default', got {self.mixer!r}")
+
+# %% ../nbs/03_models.ipynb #45362592
+class LSTMLM(CausalLM):
+    "LSTM language model: embeddings -> nn.LSTM (state reset per window) -> final LayerNorm -> head"
+    def __init__(self, cfg: LSTMConfig):
+        super().__init__(cfg)
+        self.lstm = nn.LSTM(cfg.d_model, cfg.d_model, num_layers=cfg.n_layers, batch_first=True,
+                            dropout=cfg.dropout if cfg.n_layers > 1 else 0.0)
+
+    def body(self, x): return self.lstm(x)[0]
+
+# %% ../nbs/03_models.ipynb #20f7fbb6
+from torch.utils.flop_counter import register_flop_formula
+
+def _lstm_matmul_flops(input_shape, w_ih_shape, w_hh_shape) -> int:
+    "2 FLOPs per weight of the four gates' input and recurrent matrices, per token"
+    tokens = input_shape[0] * input_shape[1]
+    return 2 * tokens * (w_ih_shape[0] * w_ih_shape[1] + w_hh_shape[0] * w_hh_shape[1])
+
+# %% ../nbs/03_models.ipynb #972f01eb
+@register_flop_formula(torch.ops.aten.mkldnn_rnn_layer)
+def _lstm_forward_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:
+    return _lstm_matmul_flops(input_shape, w_ih_shape, w_hh_shape)
+
+@register_flop_formula(torch.ops.aten.mkldnn_rnn_layer_backward)
+def _lstm_backward_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _lstm_matmul_flops(input_shape, w_ih_shape, w_hh_shape)
+
 # %% ../nbs/03_models.ipynb #2503ebf1
 def check_causal(model: nn.Module, vocab_size: int, n_seq: int, positions=(0, 5), batch: int = 2, seed: int = 0):
     "Assert that changing token t changes no logit before t (eval mode, exact) and does change logits at t"
@@ -323,6 +358,7 @@ def expected_params(cfg: ModelConfig) -> int:
     elif isinstance(cfg, ResNetBKConfig):
         E, C = cfg.num_experts, cfg.bk_channels
         block = 2 * d + d * E + E + E * (4 * d * d + 3 * d) + (d * C + C + 2 * C * d + d + 1) * (cfg.mixer == "default")
+    elif isinstance(cfg, LSTMConfig): block = 4 * d * (2 * d) + 8 * d  # W_ih, W_hh and two biases of the four gates
     else: raise TypeError(f"no closed form for {type(cfg).__name__}")
     return common + L * block
 
