@@ -310,7 +310,7 @@ class LSTMLM(CausalLM):
     def body(self, x): return self.lstm(x)[0]
 
 # %% ../nbs/03_models.ipynb #20f7fbb6
-from torch.utils.flop_counter import register_flop_formula
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 def _lstm_matmul_flops(input_shape, w_ih_shape, w_hh_shape) -> int:
     "2 FLOPs per weight of the four gates' input and recurrent matrices, per token"
@@ -318,13 +318,15 @@ def _lstm_matmul_flops(input_shape, w_ih_shape, w_hh_shape) -> int:
     return 2 * tokens * (w_ih_shape[0] * w_ih_shape[1] + w_hh_shape[0] * w_hh_shape[1])
 
 # %% ../nbs/03_models.ipynb #972f01eb
-@register_flop_formula(torch.ops.aten.mkldnn_rnn_layer)
 def _lstm_forward_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:
     return _lstm_matmul_flops(input_shape, w_ih_shape, w_hh_shape)
 
-@register_flop_formula(torch.ops.aten.mkldnn_rnn_layer_backward)
 def _lstm_backward_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * _lstm_matmul_flops(input_shape, w_ih_shape, w_hh_shape)
+
+for _op, _formula in ((torch.ops.aten.mkldnn_rnn_layer, _lstm_forward_flops),
+                      (torch.ops.aten.mkldnn_rnn_layer_backward, _lstm_backward_flops)):
+    if _op not in flop_registry: register_flop_formula(_op)(_formula)  # once per process: aten's ops are shared
 
 # %% ../nbs/03_models.ipynb #2503ebf1
 def check_causal(model: nn.Module, vocab_size: int, n_seq: int, positions=(0, 5), batch: int = 2, seed: int = 0):
