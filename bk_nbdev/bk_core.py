@@ -18,7 +18,7 @@ from .bk_triton import triton_forward, triton_backward
 from .runtime import cache_dir
 
 # %% auto #0
-__all__ = ['C_HEADER', 'C_KERNELS', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots',
+__all__ = ['C_HEADER', 'C_FORWARD', 'C_BACKWARD', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots',
            'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op', 'bk_core']
 
 # %% ../nbs/01_bk_core.ipynb #b075cb55
@@ -69,7 +69,7 @@ C_HEADER = r"""
 """
 
 # %% ../nbs/01_bk_core.ipynb #55cbfc4e
-C_KERNELS = r"""
+C_FORWARD = r"""
 /* One tile: T positions of W rows, laid out position by position (t, w), real and imaginary parts apart. */
 typedef $F tile_$S[T][W];
 /* tile (t, w) <- src[row r0 + w, position i0 + off + t] of rows of length len. A lane past the last row repeats row
@@ -139,6 +139,10 @@ void bk_forward_$S(const $F *a, const $F *b, $F *G, $F *left, $F *right, long R,
     }
   }
 }
+"""
+
+# %% ../nbs/01_bk_core.ipynb #b1c1529b
+C_BACKWARD = r"""
 /* mu = gG * conj(-G^2): the adjoint of the pivot sum s_i (or of d_i when causal) */
 static inline void mu_$S($F ggr, $F ggi, $F xr, $F xi, $F *mr, $F *mi) {
   $F qr = -(xr * xr - xi * xi), qi = 2 * xr * xi;
@@ -195,7 +199,7 @@ void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, cons
 """
 
 # %% ../nbs/01_bk_core.ipynb #0cd8f08d
-C_SOURCE = C_HEADER + "".join(Template(C_KERNELS).substitute(F=F, S=S) for F, S in (("double", "c128"), ("float", "c64")))
+C_SOURCE = C_HEADER + "".join(Template(C_FORWARD + C_BACKWARD).substitute(F=F, S=S) for F, S in (("double", "c128"), ("float", "c64")))
 
 # %% ../nbs/01_bk_core.ipynb #68c177c6
 def _compiler() -> str | None:

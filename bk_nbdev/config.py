@@ -124,9 +124,13 @@ def _read_presets(path: str | Path | None = None) -> configparser.ConfigParser:
     return cp
 
 # %% ../nbs/05b_config.ipynb #a6535d29
+def _preset_sections(cp: configparser.ConfigParser) -> list[str]:
+    "The sections that are presets: all but the blocks (names that begin with `_`) that presets build on"
+    return [s for s in cp.sections() if not s.startswith("_")]
+
 def preset_names(path: str | Path | None = None) -> list[str]:
-    "The presets of settings.ini: its sections, less the blocks (names that begin with `_`) that presets build on"
-    return [s for s in _read_presets(path).sections() if not s.startswith("_")]
+    "The presets of settings.ini"
+    return _preset_sections(_read_presets(path))
 
 # %% ../nbs/05b_config.ipynb #de9808ab
 def _resolved(cp: configparser.ConfigParser, name: str, chain: tuple = ()) -> dict:
@@ -143,7 +147,7 @@ def _resolved(cp: configparser.ConfigParser, name: str, chain: tuple = ()) -> di
 def load_preset(name: str, path: str | Path | None = None, **overrides) -> BenchmarkConfig:
     "The BenchmarkConfig of preset `name` in settings.ini, its bases resolved, with `overrides` applied"
     cp = _read_presets(path)
-    valid = [s for s in cp.sections() if not s.startswith("_")]
+    valid = _preset_sections(cp)
     if name not in valid: raise ValueError(f"Unknown preset {name!r}; valid presets: {', '.join(valid)}")
     types = {f.name: f.type for f in fields(BenchmarkConfig)}
     values = {"model_name": name, **_resolved(cp, name), **overrides}
