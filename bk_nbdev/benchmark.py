@@ -25,8 +25,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ADDED_LATER', 'DEFAULTS', 'BenchmarkResults', 'cpu_model', 'run_metadata', 'results_of', 'read_results', 'same_run',
-           'reuse_note', 'WikiText2Benchmark', 'worker_main', 'launch_distributed', 'benchmark_notebook', 'run_presets',
-           'main']
+           'reuse_note', 'WikiText2Benchmark', 'worker_main', 'launch_distributed', 'benchmark_notebook', 'run_presets']
 
 # %% ../nbs/06_benchmark.ipynb #3ade9f26
 @dataclass
@@ -161,7 +160,7 @@ def stored_run(self: WikiText2Benchmark, config: BenchmarkConfig, force: bool = 
     stored = read_results(p)
     if not same_run(stored["config"], config):
         raise FileExistsError(f"{p} holds another run named {config.model_name!r}; give this one another model_name, or "
-                              "force it (bk-benchmark --force, papermill -p force True) to replace those results")
+                              "force it (bk run --force, papermill -p force True) to replace those results")
     if dist_info()[0] == 0: print(reuse_note(stored, p))
     return BenchmarkResults(**{f.name: stored[f.name] for f in fields(BenchmarkResults)})
 
@@ -260,8 +259,8 @@ if __name__ == "__main__" and not in_ipython(): worker_main()
 def benchmark_notebook() -> Path:
     "nbs/06_benchmark.ipynb of the checkout the package was installed from"
     p = Path(bk_nbdev.__file__).resolve().parents[1]/"nbs"/"06_benchmark.ipynb"
-    if not p.exists(): raise FileNotFoundError(f"{p} not found: bk-benchmark needs the repository checkout "
-                                               "(pip install -e .) or --notebook PATH")
+    if not p.exists(): raise FileNotFoundError(f"{p} not found: bk run needs the repository checkout "
+                                               "(pip install -e .)")
     return p
 
 # %% ../nbs/06_benchmark.ipynb #41f80010
@@ -271,6 +270,7 @@ def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results"
     import papermill as pm
     overrides = overrides or {}
     configs = [load_preset(p, **overrides) for p in presets]  # fail early on any bad preset or override
+    for c in configs: c.check_model()
     nb = Path(notebook) if notebook else benchmark_notebook()
     bench = WikiText2Benchmark(output_dir)
     bench.output_dir.mkdir(parents=True, exist_ok=True)
@@ -290,23 +290,3 @@ def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results"
                   f"{c['perplexity']['model2']:.2f}, time speed-up {c['time_speedup']}")
     print("curves:", bench.plot_training_curves(names))
     return names
-
-# %% ../nbs/06_benchmark.ipynb #37623d29
-def main(argv: list[str] | None = None):
-    "Command line: bk-benchmark PRESET [PRESET ...] [--output-dir DIR] [-p FIELD=VALUE ...]"
-    import argparse
-    ap = argparse.ArgumentParser(prog="bk-benchmark", description="Run WikiText-2 benchmark presets and compare them.")
-    ap.add_argument("presets", nargs="+", help="presets from settings.ini")
-    ap.add_argument("--output-dir", default="benchmark_results")
-    ap.add_argument("-p", "--param", action="append", default=[], metavar="FIELD=VALUE", help="override a config field")
-    ap.add_argument("--notebook", default=None, help="path to 06_benchmark.ipynb")
-    ap.add_argument("--nproc", type=int, default=1, help="data-parallel processes per configuration (torchrun)")
-    ap.add_argument("--force", action="store_true", help="train even if results of a model_name exist, and replace them")
-    a = ap.parse_args(argv)
-    overrides = {}
-    for kv in a.param:
-        if "=" not in kv: ap.error(f"-p expects FIELD=VALUE, got {kv!r}")
-        k, v = kv.split("=", 1); overrides[k.strip()] = v.strip()
-    if a.nproc < 1: ap.error(f"--nproc must be >= 1, got {a.nproc}")
-    try: run_presets(a.presets, a.output_dir, overrides, a.notebook, nproc=a.nproc, force=a.force)
-    except (ValueError, FileNotFoundError, FileExistsError) as e: ap.error(str(e))

@@ -19,7 +19,8 @@ from .runtime import cache_dir
 
 # %% auto #0
 __all__ = ['C_HEADER', 'C_FORWARD', 'C_BACKWARD', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots',
-           'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op', 'bk_core']
+           'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op', 'bk_core',
+           'memory_profile']
 
 # %% ../nbs/01_bk_core.ipynb #b075cb55
 def dense_resolvent_diag(
@@ -398,6 +399,18 @@ def bk_core(
         beta = (b.to(rdt) ** 2).to(dtype).expand(R, N - 1)
     if not use_analytic_gradient: return resolvent_diag_recurrence(alpha, _ones_if_empty(beta, alpha), causal)
     return resolvent_diag_op(alpha, beta.contiguous(), causal)[0]
+
+# %% ../nbs/01_bk_core.ipynb #7467d795
+def memory_profile(v: Tensor, # (R, N) real potentials
+                   z: complex = 1j, # the resolvent's shift
+                   h0: float = -2.0, # the free diagonal
+                  ) -> Tensor:
+    "Mean over rows of |∂g_N/∂v_(N−k)| for k = 0 … N−1: how much the last feature depends on the potential k tokens back"
+    v = v.detach().to(torch.float64).requires_grad_()
+    g = bk_core(v, z, h0=h0, dtype=torch.complex128)[:, -1]
+    re, = torch.autograd.grad(g.real.sum(), v, retain_graph=True)  # rows are independent: a sum keeps each row's gradient
+    im, = torch.autograd.grad(g.imag.sum(), v)
+    return torch.hypot(re, im).mean(0).flip(0)
 
 # %% ../nbs/01_bk_core.ipynb #3003d38a
 BK_FLOPS_PER_ELEMENT = {  # (forward, backward) real FLOPs per element of G, from the kernel's arithmetic

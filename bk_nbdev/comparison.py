@@ -11,14 +11,15 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .benchmark import WikiText2Benchmark, read_results
-from .config import BenchmarkConfig, FLAGS, load_preset
-from .curves import POSITION, final_subset_perplexity, reach, subset_points
+from .compression import artifact_bytes
+from .config import BenchmarkConfig, FLAGS, config_from_dict, load_preset
+from .results import load_runs
 from .runtime import atomic_write_bytes, in_fresh_process
 
 # %% auto #0
-__all__ = ['CLAIMS', 'OWN_MEASURE', 'NOTES', 'VARIANTS', 'load_all_results', 'write_table', 'print_table', 'role', 'model_table',
-           'bar_charts', 'standard_pairs', 'full_settings', 'ablation_configs', 'run_in_fresh_process', 'run_or_reuse',
-           'time_to_quality', 'run_ablation', 'ablation_table']
+__all__ = ['VARIANTS', 'load_all_results', 'write_table', 'print_table', 'role', 'model_table', 'bar_charts', 'standard_pairs',
+           'full_settings', 'ablation_configs', 'run_in_fresh_process', 'run_or_reuse', 'run_ablation', 'int4_size_mb',
+           'int4_sizes']
 
 # %% ../nbs/07_comparison.ipynb #bbae8b97
 def load_all_results(results_dir: str | Path) -> dict[str, dict]:
@@ -98,36 +99,6 @@ def standard_pairs(results: dict[str, dict]) -> list[tuple[str, str]]:
     want = [("full", "transformer"), ("baseline", "transformer"), ("full", "baseline")]
     return [(by_role[a], by_role[b]) for a, b in want if a in by_role and b in by_role]
 
-# %% ../nbs/07_comparison.ipynb #1dea2c3b
-CLAIMS = {  # what the original documentation claimed; "" where it stated no figure
-    "use_analytic_gradient": "", "use_koopman": "100x lower gradient cost", "use_physics_informed": "10x fewer steps",
-    "use_quantization": "", "use_pruning": "", "use_mixed_precision": "", "use_act": "30% fewer layers",
-    "use_multi_scale": "2x on middle layers", "use_sparse_bk": "1.8x at 50% sparsity", "use_early_exit": "(inference)",
-    "use_curriculum": "", "use_active_learning": "50% less data", "all flags": "(the full preset)", "random half": "(control of active learning)",
-    "int4 quantization": "(quantization's INT4 variant)", "act, ponder 0.1": "(ACT, 10x the ponder weight)",
-    "act, ponder 1": "(ACT, 100x the ponder weight)", "early exit, 1/8 sampled": "(exits trained on 1/8 of positions)",
-    "one layer": "(ACT's control: 1 layer, no ACT)",
-}
-
-# %% ../nbs/07_comparison.ipynb #8f3ad13e
-OWN_MEASURE = {  # the flag's own measurements: where they live in the results
-    "use_physics_informed": [("model_stats", "energy_drift")],
-    **{k: [("model_stats", "executed_depth"), ("flag_measurements", "trained_flops_without_head")]
-       for k in ("use_act", "act, ponder 0.1", "act, ponder 1")},
-    "use_sparse_bk": [("model_stats", "bk_sparsity")],
-    **{k: [("flag_measurements", m) for m in ("early_exit_test_perplexity", "early_exit_mean_layer",
-                                              "early_exit_speedup", "early_exit_flops_ratio")]
-       for k in ("use_early_exit", "early exit, 1/8 sampled")},
-    "use_quantization": [("flag_measurements", "artifact_size_mb"), ("flag_measurements", "artifact_test_perplexity")],
-    "use_pruning": [("flag_measurements", k) for k in ("pruned_fraction", "pruned_params", "artifact_size_mb",
-                                                       "artifact_test_perplexity")],
-    "use_active_learning": [("flag_measurements", "distinct_fraction")],
-    "random half": [("flag_measurements", "distinct_fraction")],
-    "int4 quantization": [("flag_measurements", "artifact_size_mb"), ("flag_measurements", "artifact_test_perplexity")],
-    "use_curriculum": [("flag_measurements", "tokens_read")],
-}
-NOTES = {"use_sparse_bk": "no compute saved by design (a regularizer, 04)"}  # what a row's figures cannot say
-
 # %% ../nbs/07_comparison.ipynb #abd20c29
 VARIANTS = {  # rows that are not one flag alone: label -> (the fields they set, model-name suffix)
     "random half": ({"use_active_learning": True, "active_selection": "random"}, "random_half"),
@@ -172,40 +143,25 @@ def run_or_reuse(cfg: BenchmarkConfig, output_dir: str | Path, progress: bool = 
     stored = WikiText2Benchmark(output_dir).stored_run(cfg)
     return asdict(stored) if stored is not None else run_in_fresh_process(cfg, output_dir, progress)
 
-# %% ../nbs/07_comparison.ipynb #bd371079
-def _change(a, b):
-    "Relative change of a against b (None when b is 0)"
-    return None if not b else a / b - 1
-
-# %% ../nbs/07_comparison.ipynb #d979c2ef
-def time_to_quality(r: dict, base: dict, tolerance: float = 0.01) -> dict:
-    "Steps, tokens, FLOPs and seconds for `r` to first reach the base's final subset perplexity, relative to the base's"
-    target = final_subset_perplexity(base) * (1 + tolerance)
-    mine, theirs = (reach(subset_points(x["val_curve"]), target) for x in (r, base))
-    return {f"{k}_to_base_ppl": "not reached" if mine is None else mine[k] / theirs[k] for k in POSITION}
-
 # %% ../nbs/07_comparison.ipynb #16d9768f
 def run_ablation(base: str = "baseline", output_dir: str | Path = "benchmark_results/ablation", progress: bool = False,
                  **overrides) -> dict[str, dict]:
-    "Run every ablation configuration, each in a fresh process (reusing finished results with an identical config)"
-    return {label: run_or_reuse(cfg, output_dir, progress) for label, cfg in ablation_configs(base, **overrides).items()}
+    "Run every row (each in a fresh process, or read back), after writing the index `ablation.json`: row label -> model name"
+    rows = ablation_configs(base, **overrides)
+    for c in rows.values(): c.check_model()  # every row can be built, before the first runs
+    index = json.dumps({label: c.model_name for label, c in rows.items()}, indent=2)
+    atomic_write_bytes(Path(output_dir)/"ablation.json", index.encode())
+    return {label: run_or_reuse(cfg, output_dir, progress) for label, cfg in rows.items()}
 
-# %% ../nbs/07_comparison.ipynb #96806bfa
-def ablation_table(runs: dict[str, dict]) -> list[dict]:
-    base, rows = runs["base"], []
-    step_time = lambda r: r["training_time"] / r["steps"]
-    for label, r in runs.items():
-        if label == "base": continue
-        own = [(key, r[src].get(key)) for src, key in OWN_MEASURE.get(label, [])]
-        note = [NOTES[label]] if label in NOTES else []
-        rows.append({"flag": label, "claimed": CLAIMS[label] or "(no figure given)",
-                     "test_ppl": r["test_perplexity"], "d_test_ppl": _change(r["test_perplexity"], base["test_perplexity"]),
-                     "d_time_per_step": _change(step_time(r), step_time(base)),
-                     "d_flops_step": _change(r["total_flops_per_step"], base["total_flops_per_step"]),
-                     "d_flops_no_head": _change(r["total_flops_per_step_without_head"],
-                                                base["total_flops_per_step_without_head"]),
-                     "d_peak_mem": _change(r["peak_memory_mb"], base["peak_memory_mb"]),
-                     "d_size": _change(r["model_size_mb"], base["model_size_mb"]),
-                     **time_to_quality(r, base),
-                     "own_measure": "; ".join(note + [f"{k}={v:.4g}" for k, v in own if isinstance(v, (int, float))]) or "-"})
-    return rows
+# %% ../nbs/07_comparison.ipynb #ebb6a091
+def int4_size_mb(results: dict, bits: int = 4) -> float:
+    "Size in MiB of the `bits`-bit artifact (04a's export) of the model in `results`' config, at its initial weights"
+    model = config_from_dict(results["config"]).build_model(results["metadata"]["vocab_size"])
+    return len(artifact_bytes(model, bits)) / 2**20
+
+# %% ../nbs/07_comparison.ipynb #63f4a429
+def int4_sizes(study: str | Path, bits: int = 4) -> dict[str, float]:
+    "Model name -> `int4_size_mb` of every run in `study`, written to the study's `int4_sizes.json`"
+    sizes = {r["model_name"]: int4_size_mb(r, bits) for r in load_runs(Path(study))}
+    atomic_write_bytes(Path(study)/"int4_sizes.json", json.dumps(sizes, indent=2).encode())
+    return sizes

@@ -19,7 +19,7 @@ from .training import TrainConfig, TRAIN_FLAGS
 
 # %% auto #0
 __all__ = ['FLAGS', 'MODEL_TYPES', 'RUN_FIELDS', 'BenchmarkConfig', 'PRESETS_ENV_VAR', 'composed_fields', 'presets_file',
-           'preset_names', 'load_preset']
+           'preset_names', 'load_preset', 'config_from_dict']
 
 # %% ../nbs/05b_config.ipynb #ea0a2c8d
 FLAGS = ("use_analytic_gradient",) + ARCH_FLAGS + TRAIN_FLAGS
@@ -63,6 +63,7 @@ class _BenchmarkConfigMethods:
     def _part(self, cls, **extra): return cls(**extra, **{f.name: getattr(self, f.name) for f in fields(cls) if f.name not in extra})
     def model_config(self, vocab_size: int): return self._part(MODEL_TYPES[self.model_type][1], vocab_size=vocab_size)
     def train_config(self) -> TrainConfig: return self._part(TrainConfig)
+    def check_model(self): self.model_config(vocab_size=2)  # the model config checks its settings: run it before a job starts
 
     def build_model(self, vocab_size: int):
         torch.manual_seed(self.seed)
@@ -154,3 +155,10 @@ def load_preset(name: str, path: str | Path | None = None, **overrides) -> Bench
     unknown = [k for k in values if k not in types]
     if unknown: raise ValueError(f"Unknown field(s) {unknown} in preset {name!r} or overrides; valid: {', '.join(types)}")
     return BenchmarkConfig(**{k: _convert(k, v, types[k]) for k, v in values.items()})
+
+# %% ../nbs/05b_config.ipynb #6aa343af
+def config_from_dict(d: dict) -> BenchmarkConfig:
+    "The BenchmarkConfig whose `to_dict()` is `d` (a results file's `config`); fields it lacks take their defaults"
+    types = {f.name: f.type for f in fields(BenchmarkConfig)}
+    if unknown := [k for k in d if k not in types]: raise ValueError(f"Unknown field(s) {unknown}; valid: {', '.join(types)}")
+    return BenchmarkConfig(**{k: _convert(k, v, types[k]) for k, v in d.items()})

@@ -1,4 +1,4 @@
-"""The causal Transformer baseline and ResNet-BK (mixture-of-experts FFN + causal BK-Core), with one interface for logits, losses and measured statistics.
+"""The causal Transformer (the reference) and ResNet-BK (mixture-of-experts FFN + causal BK-Core), with one interface for logits, losses and measured statistics.
 
 Docs: https://bk-nbdev.github.io/bk_nbdev/models.html.md"""
 
@@ -72,7 +72,7 @@ def make_config(cls, **kwargs):
 # %% ../nbs/03_models.ipynb #f9365b43
 @dataclass
 class TransformerConfig(ModelConfig):
-    "The causal Transformer baseline"
+    "The causal Transformer, the reference every other model is measured against"
     n_heads: int = 4            # attention heads; must divide d_model
     ffn_mult: int = 4           # FFN width = ffn_mult * d_model
 

@@ -6,12 +6,11 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/scaling.html.md"""
 
 # %% ../nbs/08_scaling.ipynb #4a7d33e9
 from __future__ import annotations
-import argparse, json, math, time
+import json, math, time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from fastcore.imports import in_ipython
 
 from .flops import FLOPsCounter
 from .config import BenchmarkConfig
@@ -19,7 +18,7 @@ from .runtime import atomic_write_bytes, in_fresh_process, is_allocation_failure
 
 # %% auto #0
 __all__ = ['PARTS', 'MODELS', 'build', 'best_time', 'peak_rss_child', 'measure', 'fit_slope', 'crossover', 'scaling_study',
-           'plot_scaling', 'save_study', 'main']
+           'plot_scaling', 'save_study']
 
 # %% ../nbs/08_scaling.ipynb #8c2748a2
 def build(model_type: str, N: int, d_model: int = 64, n_layers: int = 4, vocab_size: int = 33_278) -> nn.Module:
@@ -207,21 +206,3 @@ def save_study(study: dict, out_dir: str | Path, show: bool = False) -> Path:
     atomic_write_bytes(out/"scaling.csv", ("\n".join([",".join(cols)] + [",".join(str(r[c]) for c in cols)
                                                                          for r in study["rows"]]) + "\n").encode())
     return plot_scaling(study, out/"scaling.png", show)
-
-# %% ../nbs/08_scaling.ipynb #1efc77dc
-def main(argv=None):
-    "Command line: python -m bk_nbdev.scaling [--max-n N] [--tokens T] [--max-seconds S] [--models M ...] [--out DIR]"
-    ap = argparse.ArgumentParser(prog="python -m bk_nbdev.scaling", description="Transformer vs ResNet-BK scaling in N")
-    ap.add_argument("--max-n", type=int, default=16_384); ap.add_argument("--min-n", type=int, default=128)
-    ap.add_argument("--tokens", type=int, default=16_384); ap.add_argument("--max-seconds", type=float, default=30.0)
-    ap.add_argument("--d-model", type=int, default=64); ap.add_argument("--n-layers", type=int, default=4)
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    ap.add_argument("--memory-limit-mb", type=float, default=None, help="memory budget per measurement (default: all)")
-    ap.add_argument("--out", default="scaling_results")
-    a = ap.parse_args(argv)
-    study = scaling_study(a.max_n, a.min_n, a.tokens, a.max_seconds, d_model=a.d_model, n_layers=a.n_layers,
-                          models=a.models, memory_limit_mb=a.memory_limit_mb)
-    print(json.dumps({k: study[k] for k in ("slopes", "crossover", "stopped", "flops_at_2048")}, indent=1))
-    print("saved", save_study(study, a.out))
-
-if __name__ == "__main__" and not in_ipython(): main()  # python -m bk_nbdev.scaling

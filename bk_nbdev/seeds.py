@@ -6,16 +6,14 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/seeds.html.md"""
 
 # %% ../nbs/07b_seeds.ipynb #6d24be19
 from __future__ import annotations
-import math, statistics
 from dataclasses import replace
 from pathlib import Path
 
-from .comparison import ablation_configs, print_table, run_or_reuse, write_table
+from .comparison import ablation_configs, run_or_reuse
 from .config import BenchmarkConfig, load_preset
-from fastcore.imports import in_ipython
 
 # %% auto #0
-__all__ = ['FIGURES', 'seeded', 'seed_configs', 'ablation_seed_configs', 'run_seeds', 'seed_summary', 'resolved', 'main']
+__all__ = ['seeded', 'seed_configs', 'ablation_seed_configs', 'run_seeds']
 
 # %% ../nbs/07b_seeds.ipynb #6e8255c6
 def seeded(configs: dict[str, BenchmarkConfig], seeds: list[int]) -> dict[tuple[str, int], BenchmarkConfig]:
@@ -40,49 +38,10 @@ def ablation_seed_configs(base: str, rows: list[str], seeds: list[int], **overri
 # %% ../nbs/07b_seeds.ipynb #ef8f7c98
 def run_seeds(runs: dict[tuple[str, int], BenchmarkConfig], output_dir: str | Path, progress: bool = False) -> list[dict]:
     "Run (or read back) every (label, seed) of `runs`, in order; one row per run"
+    for c in runs.values(): c.check_model()  # every run can be built, before the first starts
     rows = []
     for (label, seed), cfg in runs.items():
         r = run_or_reuse(cfg, output_dir, progress)
         rows.append({"run": label, "seed": seed, "val_ppl": r["best_perplexity"], "test_ppl": r["test_perplexity"],
                      "seconds_per_step": r["training_time"] / r["steps"]})
     return rows
-
-# %% ../nbs/07b_seeds.ipynb #59198a9c
-FIGURES = ("val_ppl", "test_ppl", "seconds_per_step")
-
-def seed_summary(rows: list[dict]) -> list[dict]:
-    "Per run: the number of seeds, and the mean and sample standard deviation (`_sd`) of each of `FIGURES`"
-    out = []
-    for p in dict.fromkeys(r["run"] for r in rows):
-        mine, row = [r for r in rows if r["run"] == p], {"run": p}
-        row["seeds"] = len(mine)
-        for k in FIGURES:
-            v = [r[k] for r in mine]
-            row[k], row[k + "_sd"] = statistics.mean(v), statistics.stdev(v)
-        out.append(row)
-    return out
-
-# %% ../nbs/07b_seeds.ipynb #893dac75
-def resolved(a: dict, b: dict, key: str = "test_ppl") -> tuple[float, float, bool]:
-    "(mean of a - mean of b, 2 sqrt(sd_a^2 + sd_b^2), whether the difference is larger) for two `seed_summary` rows"
-    diff, bound = a[key] - b[key], 2 * math.hypot(a[key + "_sd"], b[key + "_sd"])
-    return diff, bound, abs(diff) > bound
-
-# %% ../nbs/07b_seeds.ipynb #3214d849
-def main(argv: list[str] | None = None):
-    "Command line: python -m bk_nbdev.seeds (--presets P [P ...] | --ablation BASE --rows R [R ...]) --seeds S [S ...] --output-dir DIR"
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m bk_nbdev.seeds", description="Presets or ablation rows from several seeds, interleaved.")
-    kind = ap.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--presets", nargs="+"); kind.add_argument("--ablation", metavar="BASE")
-    ap.add_argument("--rows", nargs="+"); ap.add_argument("--seeds", nargs="+", type=int, required=True)
-    ap.add_argument("--output-dir", required=True)
-    a = ap.parse_args(argv)
-    if bool(a.ablation) != bool(a.rows): ap.error("--rows goes with --ablation, and --ablation needs --rows")
-    runs = ablation_seed_configs(a.ablation, a.rows, a.seeds) if a.ablation else seed_configs(a.presets, a.seeds)
-    rows = run_seeds(runs, a.output_dir)
-    write_table(rows, Path(a.output_dir)/"seeds"); write_table(seed_summary(rows), Path(a.output_dir)/"seed_summary")
-    print_table(seed_summary(rows))
-
-# %% ../nbs/07b_seeds.ipynb #9fb37052
-if __name__ == "__main__" and not in_ipython(): main()  # python -m bk_nbdev.seeds

@@ -8,16 +8,13 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/step_benchmark.html.md"""
 from __future__ import annotations
 import dataclasses, statistics
 
-from fastcore.imports import in_ipython
-
 from .config import BenchmarkConfig, load_preset
 from .data import Corpus, load_corpus
-from .head import bf16_is_fast
 from .runtime import in_fresh_process
 from .trainer import train
 
 # %% auto #0
-__all__ = ['STEP_VARIANTS', 'variant_config', 'step_run', 'step_benchmark', 'print_step_table', 'main']
+__all__ = ['STEP_VARIANTS', 'variant_config', 'step_run', 'step_benchmark', 'print_step_table']
 
 # %% ../nbs/05c_step_benchmark.ipynb #5bb81a4e
 STEP_VARIANTS = {"unfused fp32": ("unfused", False), "fused fp32": ("fused", False), "fused mixed": ("fused", True)}
@@ -64,18 +61,3 @@ def print_step_table(rows: list[dict]):
     for r in rows:
         print(f"{r['preset']:12} {r['variant']:14} {r['seconds_per_step']:7.3f} ({r['min']:.3f}-{r['max']:.3f}) "
               f"{r['speedup']:7.2f}x {r['peak_mb']:8.0f}")
-
-# %% ../nbs/05c_step_benchmark.ipynb #cb566f14
-def main(argv=None):
-    "python -m bk_nbdev.step_benchmark [--presets P ...] [--variants V ...] [--repeat R] [--steps S]"
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m bk_nbdev.step_benchmark", description=main.__doc__)
-    ap.add_argument("--presets", nargs="+", default=["transformer", "baseline"])
-    ap.add_argument("--variants", nargs="+", default=list(STEP_VARIANTS), choices=list(STEP_VARIANTS))
-    ap.add_argument("--repeat", type=int, default=3); ap.add_argument("--steps", type=int, default=8)
-    a = ap.parse_args(argv)
-    print(f"bf16 native: {bf16_is_fast()}")
-    print_step_table(step_benchmark(tuple(a.presets), tuple(a.variants), a.repeat, a.steps))
-
-# %% ../nbs/05c_step_benchmark.ipynb #8c8c0f4c
-if __name__ == "__main__" and not in_ipython(): main()  # python -m bk_nbdev.step_benchmark

@@ -1,4 +1,4 @@
-"""The benchmark notebook as users run it: through papermill and the bk-benchmark command."""
+"""The benchmark notebook as users run it: through papermill and the `bk run` command."""
 import json, math, os
 from dataclasses import fields
 from pathlib import Path
@@ -6,7 +6,8 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from bk_nbdev.benchmark import BenchmarkResults, main
+from bk_nbdev.benchmark import BenchmarkResults
+from bk_nbdev.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "nbs" / "06_benchmark.ipynb"
@@ -38,6 +39,14 @@ def test_smoke_preset_writes_complete_finite_results(tmp_path):
     assert not list((tmp_path / "wikitext2").glob("*.ckpt")), "the checkpoint is removed after a finished run"
 
 
+def test_papermill_skips_the_notebooks_self_tests(tmp_path):
+    "A run of one configuration runs it, not 06's tests of its functions (cells tagged skip-execution)"
+    nb = _run(tmp_path, preset="smoke", epochs=1, max_train_tokens=2048)
+    tests = [c for c in nb.cells if "skip-execution" in c.metadata.get("tags", [])]
+    assert len(tests) >= 10 and all(c.execution_count is None and not c.outputs for c in tests)
+    assert any(c.execution_count for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+
+
 def test_bad_preset_fails_clearly(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match="valid presets: transformer, baseline, full"):
         _run(tmp_path, preset="fulll")
@@ -53,19 +62,17 @@ def test_badly_typed_override_fails_clearly(tmp_path):
         _run(tmp_path, preset="smoke", lr="fast")
 
 
-def test_cli_validates_before_running(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        main(["smoke", "nope", "--output-dir", str(tmp_path)])
-    assert "Unknown preset 'nope'" in capsys.readouterr().err
+def test_cli_validates_before_running(tmp_path):
+    with pytest.raises(SystemExit, match="Unknown preset 'nope'"):
+        main(["run", "smoke", "nope", "--output-dir", str(tmp_path)])
     assert not (tmp_path / "wikitext2" / "smoke_results.json").exists()  # nothing ran
-    with pytest.raises(SystemExit):
-        main(["smoke", "-p", "epochs"])
-    assert "FIELD=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        main(["run", "smoke", "-p", "epochs"])
 
 
 def test_cli_runs_presets_and_compares(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --output-dir is the caller's, although the notebook runs in nbs/
-    main(["smoke", "smoke_transformer", "--output-dir", "runs", "-p", "epochs=1", "-p", "seed=1"])
+    main(["run", "smoke", "smoke_transformer", "--output-dir", "runs", "-p", "epochs=1", "-p", "seed=1"])
     out = tmp_path / "runs" / "wikitext2"
     for name in ("smoke", "smoke_transformer"):
         assert (out / f"{name}_benchmark.ipynb").exists()

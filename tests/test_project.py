@@ -1,5 +1,5 @@
-"""Checks a notebook cannot make about itself: package in sync, clean notebooks, README commands."""
-import json, re, shutil, subprocess, sys
+"""Checks a notebook cannot make about itself: package in sync, clean notebooks, README and RESULTS.md, their commands."""
+import json, re, shlex, shutil, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -91,7 +91,15 @@ def test_readme_shows_the_commands_ci_uses():
     text = (ROOT / "README.md").read_text()
     assert text.index("## Install") < text.index("## Run") < text.index("## Test")
     run = _readme_block("Run")
-    assert "bk-benchmark" in run and "transformer baseline full" in run
+    assert "bk run transformer baseline full" in run
+
+
+def test_readme_answers_on_its_first_screen():
+    "The answer first, the install command within the first 60 lines, the whole README within 150"
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 150, f"README.md has {len(lines)} lines; the rest belongs in RESULTS.md"
+    assert lines.index("## The answer") < lines.index("## Install") < 60
+    assert lines.index("pip install torch==2.13.0 && pip install -e \".[dev]\"") < 60
 
 
 def test_readme_is_the_index_notebook():
@@ -186,11 +194,21 @@ def test_notebooks_committed_with_outputs(nb):
     assert not churn, f"{nb.name}: outputs hold machine paths, addresses or timestamps: {churn}"
 
 
-def test_readme_results_are_rendered_from_the_reference_json():
-    "Every number of the README's Results section comes from results/reference (python -m bk_nbdev.report)"
-    from bk_nbdev.report import results_markdown
-    assert results_markdown(ROOT / "results" / "reference") in (ROOT / "README.md").read_text(), \
-        "README.md's Results differ from results/reference: run python -m bk_nbdev.report"
+def test_readme_and_results_md_are_rendered_from_the_reference_json():
+    "Every number of the README's answer and of RESULTS.md comes from results/reference (bk report)"
+    from bk_nbdev.report import answer_section, results_markdown
+    ref = ROOT / "results" / "reference"
+    assert answer_section(ref) in (ROOT / "README.md").read_text(), "README.md's answer differs: run bk report"
+    assert results_markdown(ref) == (ROOT / "RESULTS.md").read_text(), "RESULTS.md differs: run bk report"
+
+
+def test_report_loads_no_training_module():
+    "Rendering the results stands on the modules that read them, not on the ones that train"
+    code = "import sys, bk_nbdev.report; print(sorted(m for m in sys.modules if m.startswith('bk_nbdev')))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                            .stdout.replace("'", '"')))
+    assert loaded == {"bk_nbdev", "bk_nbdev.report", "bk_nbdev.tables", "bk_nbdev.results", "bk_nbdev.curves",
+                      "bk_nbdev.runtime"}, loaded
 
 
 def test_every_committed_results_file_reads_back():
@@ -199,3 +217,43 @@ def test_every_committed_results_file_reads_back():
     files = sorted((ROOT / "results").rglob("*_results.json"))
     assert len(files) >= 50, len(files)
     for f in files: read_results(f)
+
+
+SMOKE = {"dataset": "synthetic", "d_model": "32", "n_seq": "32", "batch_size": "8", "epochs": "1",
+         "max_train_tokens": "2048", "warmup_steps": "1", "eval_batch_size": "16"}  # the smoke preset's size, one short epoch
+
+
+def _shown_commands() -> list[tuple[str, str]]:
+    "(document, command line) of every `bk` command README.md and RESULTS.md show, in ```sh blocks or inline code"
+    out = {}
+    for doc in ("README.md", "RESULTS.md"):
+        text = (ROOT / doc).read_text()
+        for span in re.findall(r"```sh\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", text):
+            for line in span.splitlines():
+                words = shlex.split(line)
+                if "bk" in words: out.setdefault(shlex.join(words[words.index("bk"):]), doc)
+    return [(doc, cmd) for cmd, doc in out.items()]
+
+
+def _at_smoke_size(words: list[str], out: Path) -> list[str]:
+    "The command's arguments as written, writing to `out` at smoke size; a bare subcommand name only shows its --help"
+    if len(words) < 2 or words[1].startswith("-"): return words[1:]
+    cmd, args = words[1], words[2:]
+    if not args: return [cmd, "--help"]
+    if "--output-dir" in args: i = args.index("--output-dir"); args = args[:i] + args[i + 2:]
+    if cmd == "scaling": return [cmd, *args, "--output-dir", str(out), "--max-n", "256", "--tokens", "256", "--max-seconds", "5"]
+    return [cmd, *args, "--output-dir", str(out), *(x for k, v in SMOKE.items() for x in ("-p", f"{k}={v}"))]
+
+
+def test_the_documents_show_bk_commands():
+    shown = [cmd for _, cmd in _shown_commands()]
+    assert "bk run transformer baseline full" in shown and "bk --help" in shown
+    assert {c.split()[1] for c in shown if len(c.split()) > 1} >= {"run", "sweep", "seeds", "ablation", "scaling", "report"}
+
+
+@pytest.mark.parametrize("doc,cmd", _shown_commands())
+def test_every_command_shown_runs_at_smoke_size(doc, cmd, tmp_path):
+    "Each `bk` command of README.md and RESULTS.md, as written but smoke-sized and writing to a temporary folder"
+    argv = [_tool("bk"), *_at_smoke_size(shlex.split(cmd), tmp_path / "out")]
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, f"{doc}: {cmd}\n(ran {shlex.join(argv[1:])})\n{r.stderr[-3000:]}"
