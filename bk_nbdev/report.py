@@ -24,6 +24,7 @@ __all__ = ['RUNS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 
 RUNS = {"quick": ("resnet_bk_full_quick", "resnet_bk_baseline_quick", "transformer_quick"),  # study -> (full, baseline, Transformer)
         "whole": ("resnet_bk_full", "resnet_bk_baseline", "transformer")}
 
+# %% ../nbs/09b_report.ipynb #3d8256db
 def run_of(study: Path, name: str) -> dict:
     "The results of run `name` in `study`"
     runs = {r["model_name"]: r for r in load_runs(study)}
@@ -48,6 +49,7 @@ def ratio(study: Path, name: str, key: str = "test_perplexity") -> float:
     "Figure `key` of run `name` in `study` as a ratio to the study's Transformer's"
     return run_of(study, name)[key] / transformer_of(load_runs(study))[key]
 
+# %% ../nbs/09b_report.ipynb #46ec7943
 def verdict(x: float) -> str:
     "'wins' when a ratio of perplexities is below 1, else 'loses'"
     return "wins" if x < 1 else "loses"

@@ -204,9 +204,8 @@ def test_readme_and_results_md_are_rendered_from_the_reference_json():
 
 def test_report_loads_no_training_module():
     "Rendering the results stands on the modules that read them, not on the ones that train"
-    code = "import sys, bk_nbdev.report; print(sorted(m for m in sys.modules if m.startswith('bk_nbdev')))"
-    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-                            .stdout.replace("'", '"')))
+    code = "import json, sys, bk_nbdev.report; print(json.dumps([m for m in sys.modules if m.startswith('bk_nbdev')]))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout))
     assert loaded == {"bk_nbdev", "bk_nbdev.report", "bk_nbdev.tables", "bk_nbdev.results", "bk_nbdev.curves",
                       "bk_nbdev.runtime"}, loaded
 
