@@ -18,6 +18,7 @@ from .config import BenchmarkConfig, load_preset
 from .curves import plot_curves, plot_training_flops
 from .data import load_corpus
 from .head import bf16_is_fast
+from .models import mixer_memory
 from .runtime import atomic_write_bytes, dist_info, init_distributed, resolve_device
 from .training import OBSERVE_FIELDS, TrainResult
 from .trainer import train
@@ -181,6 +182,9 @@ def run_benchmark(self: WikiText2Benchmark, config: BenchmarkConfig, progress: b
     tc = config.train_config()
     if tc.tensorboard_dir: tc = replace(tc, tensorboard_dir=str(Path(tc.tensorboard_dir)/config.model_name))  # a run per folder
     r = train(model, corpus, tc, device=str(device), checkpoint_path=ckpt, progress=progress)
+    windows = min(8, len(corpus.validation) // config.n_seq)  # what the trained mixers remember, on validation text (03)
+    if memory := mixer_memory(model, corpus.validation[: windows * config.n_seq].view(windows, -1).to(device)):
+        r.model_stats["mixer_memory"] = memory
     meta = {**run_metadata(device, config.seed), "vocab_size": len(corpus.vocab), "dataset": corpus.name,
             "train_tokens": len(corpus.train), "validation_tokens": len(corpus.validation), "test_tokens": len(corpus.test),
             "world_size": r.world_size, "backend": r.backend, "per_rank": r.per_rank}

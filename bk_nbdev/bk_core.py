@@ -402,12 +402,14 @@ def bk_core(
 
 # %% ../nbs/01_bk_core.ipynb #7467d795
 def memory_profile(v: Tensor, # (R, N) real potentials
-                   z: complex = 1j, # the resolvent's shift
+                   z: complex | Tensor = 1j, # the resolvent's shift: a number, or one per row (R,)
                    h0: float = -2.0, # the free diagonal
+                   b: Tensor | None = None, # off-diagonals (R, N−1) or None (all ones), as in `bk_core`
                   ) -> Tensor:
     "Mean over rows of |∂g_N/∂v_(N−k)| for k = 0 … N−1: how much the last feature depends on the potential k tokens back"
     v = v.detach().to(torch.float64).requires_grad_()
-    g = bk_core(v, z, h0=h0, dtype=torch.complex128)[:, -1]
+    if isinstance(z, Tensor): z = z.detach().to(torch.complex128)
+    g = bk_core(v, z, b=None if b is None else b.detach().double(), h0=h0, dtype=torch.complex128)[:, -1]
     re, = torch.autograd.grad(g.real.sum(), v, retain_graph=True)  # rows are independent: a sum keeps each row's gradient
     im, = torch.autograd.grad(g.imag.sum(), v)
     return torch.hypot(re, im).mean(0).flip(0)

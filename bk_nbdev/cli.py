@@ -43,17 +43,23 @@ def run(*presets: str, # presets of settings.ini
 
 # %% ../nbs/10_cli.ipynb #e8f5d4bc
 def sweep(presets: Annotated[str, "presets to sweep", {"nargs": "+", "required": True, "opt": True}],
-          lrs: Annotated[float, "learning rates", {"nargs": "+", "required": True, "opt": True}],
-          output_dir: str = "sweep_results", # where the runs, lr_sweep.csv/.json and lr_choice.json go
+          lrs: Annotated[float, "learning rates", {"nargs": "+", "opt": True}] = None,
+          trials: Annotated[str, "or designs: each 'FIELD=VALUE ...' in quotes (07c)", {"nargs": "+", "opt": True}] = None,
+          output_dir: str = "sweep_results", # where the runs, the table (lr_sweep or trials) and the choice go
           Param: Params = None):
-    "Each preset at each learning rate; the lowest validation perplexity chooses. Example: bk sweep --presets smoke --lrs 1e-2 3e-2"
+    "Each preset at each learning rate, or in each design; the lowest validation perplexity chooses. Example: bk sweep --presets smoke --lrs 1e-2 3e-2"
     from bk_nbdev.comparison import print_table, write_table
     from bk_nbdev.runtime import atomic_write_bytes
-    from bk_nbdev.sweep import chosen_lrs, run_sweep
-    rows = run_sweep(presets, lrs, output_dir, **overrides(Param))
-    write_table(rows, Path(output_dir)/"lr_sweep"); print_table(rows)
-    choice = chosen_lrs(rows)
-    atomic_write_bytes(Path(output_dir)/"lr_choice.json", json.dumps(choice, indent=2).encode())
+    if bool(lrs) == bool(trials): raise CliError("give either --lrs or --trials")
+    if lrs:
+        from bk_nbdev.sweep import chosen_lrs as choose, run_sweep
+        rows, stem = run_sweep(presets, lrs, output_dir, **overrides(Param)), "lr"
+    else:
+        from bk_nbdev.design import chosen_trials as choose, run_trials
+        rows, stem = run_trials(presets, trials, output_dir, **overrides(Param)), "trial"
+    write_table(rows, Path(output_dir)/("lr_sweep" if lrs else "trials")); print_table(rows)
+    choice = choose(rows)
+    atomic_write_bytes(Path(output_dir)/f"{stem}_choice.json", json.dumps(choice, indent=2).encode())
     print(json.dumps(choice, indent=2))
 
 # %% ../nbs/10_cli.ipynb #736871ff

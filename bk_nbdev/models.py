@@ -6,7 +6,7 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/models.html.md"""
 
 # %% ../nbs/03_models.ipynb #6e38af1c
 from __future__ import annotations
-import dataclasses
+import dataclasses, math
 from dataclasses import dataclass
 
 import torch
@@ -14,13 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bk_core import bk_core
+from .bk_core import bk_core, memory_profile
 from .head import LMHead, AdaptiveHead
 
 # %% auto #0
-__all__ = ['LM_HEADS', 'MIXERS', 'ModelConfig', 'make_head', 'make_config', 'TransformerConfig', 'ResNetBKConfig', 'CausalLM',
-           'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'MoEFFN', 'BKMixer', 'ResNetBKLayer',
-           'ResNetBKBlock', 'ResNetBKLM', 'LSTMConfig', 'LSTMLM', 'check_causal', 'expected_params', 'train_steps']
+__all__ = ['LM_HEADS', 'MIXERS', 'BK_HOPPINGS', 'BK_READOUTS', 'ModelConfig', 'make_head', 'make_config', 'TransformerConfig',
+           'ResNetBKConfig', 'CausalLM', 'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'MoEFFN',
+           'BKMixer', 'ResNetBKLayer', 'ResNetBKBlock', 'ResNetBKLM', 'mixer_memory', 'LSTMConfig', 'LSTMLM',
+           'check_causal', 'expected_params', 'train_steps']
 
 # %% ../nbs/03_models.ipynb #7ba064f1
 LM_HEADS = ("fused", "unfused", "adaptive")
@@ -82,13 +83,20 @@ class TransformerConfig(ModelConfig):
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
 # %% ../nbs/03_models.ipynb #fd11d6dc
+BK_HOPPINGS = ("fixed", "input")   # off-diagonals b: all ones (the Laplacian), or a gate computed from each token
+BK_READOUTS = ("linear", "gated")  # features -> output: a projection, or a projection gated by the token itself
+
 @dataclass
 class ResNetBKConfig(ModelConfig):
     "ResNet-BK: MoE FFN + causal BK-Core in each block"
     num_experts: int = 4        # experts in each MoE FFN
     top_k: int = 1              # experts used per token
     bk_channels: int = 1        # independent potentials (BK-Core problems) per layer
-    z: complex = 1j             # resolvent shift, Im z > 0
+    z: complex = 1j             # resolvent shift, Im z > 0 (its initial value when learn_z)
+    learn_z: bool = False       # a shift per channel, learned (Im z kept > 0 through a softplus)
+    bk_hopping: str = "fixed"   # one of BK_HOPPINGS
+    bk_readout: str = "linear"  # one of BK_READOUTS
+    v_scale: float = 1.0        # the potential is v_scale * v_proj(h)
     use_analytic_gradient: bool = True  # exact O(N) adjoint of BK-Core (False: autograd through the recurrence)
     moe_balance_weight: float = 0.01    # weight of the load-balancing loss
 
@@ -98,6 +106,9 @@ class ResNetBKConfig(ModelConfig):
             raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
         if self.bk_channels < 1: raise ValueError(f"bk_channels must be >= 1, got {self.bk_channels}")
         if complex(self.z).imag <= 0: raise ValueError(f"z must have Im z > 0, got {self.z}")
+        if self.bk_hopping not in BK_HOPPINGS: raise ValueError(f"bk_hopping must be one of {BK_HOPPINGS}, got {self.bk_hopping!r}")
+        if self.bk_readout not in BK_READOUTS: raise ValueError(f"bk_readout must be one of {BK_READOUTS}, got {self.bk_readout!r}")
+        if not 0 < self.v_scale < float("inf"): raise ValueError(f"v_scale must be a positive number, got {self.v_scale!r}")
 
 # %% ../nbs/03_models.ipynb #3e531260
 class CausalLM(nn.Module):
@@ -219,26 +230,50 @@ class MoEFFN(nn.Module):
         return out, balance
 
 # %% ../nbs/03_models.ipynb #be5edced
+def _inverse_softplus(y: float) -> float: return math.log(math.expm1(y))
+
 class BKMixer(nn.Module):
-    "Potential from the FFN output -> causal BK-Core -> [Re g, Im g] -> projection, scaled"
+    "Potential (and hopping) from the FFN output -> causal BK-Core -> [Re g, Im g] -> readout, scaled"
     def __init__(self, cfg: ResNetBKConfig):
         super().__init__()
-        self.cfg = cfg
-        self.v_proj = nn.Linear(cfg.d_model, cfg.bk_channels)
-        self.output_proj = nn.Linear(2 * cfg.bk_channels, cfg.d_model)
+        self.cfg, C, d, z = cfg, cfg.bk_channels, cfg.d_model, complex(cfg.z)
+        self.v_proj = nn.Linear(d, C)
+        self.output_proj = nn.Linear(2 * C, d)
         self.bk_scale = nn.Parameter(torch.tensor(1.0))
+        self.z_re = nn.Parameter(torch.full((C,), z.real)) if cfg.learn_z else None
+        self.z_im = nn.Parameter(torch.full((C,), _inverse_softplus(z.imag))) if cfg.learn_z else None
+        self.b_proj = nn.Linear(d, C) if cfg.bk_hopping == "input" else None
+        self.gate = nn.Linear(d, d) if cfg.bk_readout == "gated" else None
 
-    def resolvent(self, v: Tensor) -> Tensor:
-        "Features (B, N, 2C) from potentials v (B, N, C)"
+    def potential(self, h: Tensor) -> Tensor:
+        "v_scale · v_proj(h); at v_scale = 1 no product, which would change the gradient's memory layout and so its rounding"
+        v = self.v_proj(h)
+        return v if self.cfg.v_scale == 1 else self.cfg.v_scale * v
+
+    def problems(self, h: Tensor, v: Tensor) -> tuple[Tensor, object, Tensor | None]:
+        "BK-Core's rows: potentials (B·C, N), shifts (a number or (B·C,)), off-diagonals (B·C, N−1) or None"
         B, N, C = v.shape
-        g = bk_core(v.permute(0, 2, 1).reshape(B * C, N), z=self.cfg.z,
-                    use_analytic_gradient=self.cfg.use_analytic_gradient).view(B, C, N).permute(0, 2, 1)
+        rows = lambda t: t.permute(0, 2, 1).reshape(B * C, t.shape[1])
+        z = torch.complex(self.z_re, F.softplus(self.z_im)).repeat(B) if self.z_re is not None else self.cfg.z
+        b = None if self.b_proj is None else rows(2 * torch.sigmoid(self.b_proj(h[:, 1:])))
+        return rows(v), z, b
+
+    def resolvent(self, h: Tensor, v: Tensor) -> Tensor:
+        "Features (B, N, 2C) from FFN output h (B, N, d) and potentials v (B, N, C)"
+        B, N, C = v.shape
+        rv, z, b = self.problems(h, v)
+        g = bk_core(rv, z=z, b=b, use_analytic_gradient=self.cfg.use_analytic_gradient).view(B, C, N).permute(0, 2, 1)
         return torch.cat([g.real, g.imag], -1).to(v.dtype)
 
     def forward(self, h: Tensor, v: Tensor | None = None) -> Tensor:
         "Mixing term for FFN output h (B, N, d); `v` overrides the potential"
-        v = self.v_proj(h) if v is None else v
-        return self.bk_scale * self.output_proj(self.resolvent(v))
+        out = self.output_proj(self.resolvent(h, self.potential(h) if v is None else v))
+        return self.bk_scale * (out if self.gate is None else out * F.silu(self.gate(h)))
+
+    def memory(self, h: Tensor, v: Tensor) -> Tensor:
+        "01's `memory_profile` of this mixer's problems at (h, v): mean |∂g_N/∂v_(N−k)| for k = 0 … N−1"
+        rv, z, b = self.problems(h, v)
+        return memory_profile(rv, z, b=b)
 
 # %% ../nbs/03_models.ipynb #48d1aaa5
 class ResNetBKLayer(nn.Module):
@@ -257,7 +292,7 @@ class ResNetBKLayer(nn.Module):
             ffn = flat.new_zeros(B * N, D).index_copy(0, active, sub)
         ffn = ffn.view(B, N, D)
         if self.bk is None: return ffn, balance
-        v = self.bk.v_proj(ffn)
+        v = self.bk.potential(ffn)
         if potential is not None: v = potential(ffn, v)
         return ffn + self.bk(ffn, v=v), balance
 
@@ -290,6 +325,23 @@ class ResNetBKLM(CausalLM):
         "Add the mean load-balancing loss of the layers to `aux` and report it"
         self.aux["moe_balance"] = self.cfg.moe_balance_weight * balance
         self._stats["moe_balance"] = float(balance.detach())
+
+# %% ../nbs/03_models.ipynb #db30bc25
+def mixer_memory(model: nn.Module, # a model with BK mixers (any other gives [])
+                 tokens: Tensor,   # (B, N) token ids to run it on
+                ) -> list[list[float]]:
+    "Each BK mixer's memory profile (k = 0 … N−1) on `tokens`, in the order the model runs them"
+    seen = []
+    def keep(m, args, kwargs, out): seen.append((m, args[0].detach(), kwargs.get("v")))
+    hooks = [m.register_forward_hook(keep, with_kwargs=True) for m in model.modules() if isinstance(m, BKMixer)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(): model(tokens)
+    finally:
+        for hk in hooks: hk.remove()
+        model.train(was_training)
+    return [m.memory(h, m.potential(h) if v is None else v.detach()).tolist() for m, h, v in seen]
 
 # %% ../nbs/03_models.ipynb #f4604f23
 @dataclass
@@ -359,7 +411,9 @@ def expected_params(cfg: ModelConfig) -> int:
         block = 2 * f * d * d + f * d + d + 2 * d + (4 * d * d + 4 * d + 2 * d) * (cfg.mixer == "default")
     elif isinstance(cfg, ResNetBKConfig):
         E, C = cfg.num_experts, cfg.bk_channels
-        block = 2 * d + d * E + E + E * (4 * d * d + 3 * d) + (d * C + C + 2 * C * d + d + 1) * (cfg.mixer == "default")
+        mixer = d * C + C + 2 * C * d + d + 1 + 2 * C * cfg.learn_z + (d * C + C) * (cfg.bk_hopping == "input") \
+                + (d * d + d) * (cfg.bk_readout == "gated")
+        block = 2 * d + d * E + E + E * (4 * d * d + 3 * d) + mixer * (cfg.mixer == "default")
     elif isinstance(cfg, LSTMConfig): block = 4 * d * (2 * d) + 8 * d  # W_ih, W_hh and two biases of the four gates
     else: raise TypeError(f"no closed form for {type(cfg).__name__}")
     return common + L * block
