@@ -183,7 +183,7 @@ def run_benchmark(self: WikiText2Benchmark, config: BenchmarkConfig, progress: b
     if tc.tensorboard_dir: tc = replace(tc, tensorboard_dir=str(Path(tc.tensorboard_dir)/config.model_name))  # a run per folder
     r = train(model, corpus, tc, device=str(device), checkpoint_path=ckpt, progress=progress)
     windows = min(8, len(corpus.validation) // config.n_seq)  # what the trained mixers remember, on validation text (03)
-    if memory := mixer_memory(model, corpus.validation[: windows * config.n_seq].view(windows, -1).to(device)):
+    if windows and (memory := mixer_memory(model, corpus.validation[: windows * config.n_seq].view(windows, -1).to(device))):
         r.model_stats["mixer_memory"] = memory
     meta = {**run_metadata(device, config.seed), "vocab_size": len(corpus.vocab), "dataset": corpus.name,
             "train_tokens": len(corpus.train), "validation_tokens": len(corpus.validation), "test_tokens": len(corpus.test),
