@@ -12,13 +12,16 @@ from pathlib import Path
 from .results import load_runs, project_root, resolved, transformer_of
 from .runtime import atomic_write_bytes
 from .tables import (
-    ablation_section, chosen_section, claims_rows, claims_section, crossover_line, exit_section, md_table, models_section,
-    presets_section, provenance_line, ratio_words, reach_line, scaling_section, seeds_section, sweep_section)
+    ablation_section, chosen_section, claims_rows, claims_section, controls_section, crossover_line, exit_section, machine_of,
+    md_table, models_section, presets_section, provenance_line, ratio_words, reach_line, scaling_section, seeds_section,
+    study_metadata, sweep_section, trials_section)
 
 # %% auto #0
-__all__ = ['RUNS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet', 'claims_bullet',
-           'summary_table', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part', 'ablation_part',
-           'scaling_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+__all__ = ['RUNS', 'CONTROLS', 'DESIGNS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet',
+           'scaling_bullet', 'controls_summary', 'seeded', 'mixer_gain', 'controls_bullet', 'wins_table',
+           'claims_bullet', 'summary_table', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part',
+           'ablation_part', 'scaling_part', 'controls_part', 'design_part', 'sweep_part', 'results_markdown',
+           'readme_text', 'write_results']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
 RUNS = {"quick": ("resnet_bk_full_quick", "resnet_bk_baseline_quick", "transformer_quick"),  # study -> (full, baseline, Transformer)
@@ -91,6 +94,52 @@ def scaling_bullet(ref: Path) -> str:
             f"{ratio_words(x('model_no_head'), 'faster', 'slower')} without the LM head (08). Its quality at long "
             "context is not measured yet.")
 
+# %% ../nbs/09b_report.ipynb #0ae1b9e4
+CONTROLS = {"baseline_quick": "baseline_quick_no_mixer", "transformer_quick": "transformer_quick_no_mixer"}  # model -> control
+
+def controls_summary(ref: Path) -> dict[str, dict]:
+    "The controls study's seed summary, by run"
+    return {r["run"]: r for r in json.loads((ref/"controls"/"seed_summary.json").read_text())}
+
+# %% ../nbs/09b_report.ipynb #c0e84108
+def seeded(s: dict) -> str:
+    "A seed summary row's test perplexity as mean ± standard deviation"
+    return f"{s['test_ppl']:,.1f} ± {s['test_ppl_sd']:,.1f}"
+
+def mixer_gain(summary: dict[str, dict], model: str) -> str:
+    "How much worse `model`'s control is (its test perplexity over the model's), resolved by the seeds or not"
+    a, b = summary[CONTROLS[model]], summary[model]
+    return f"{a['test_ppl'] / b['test_ppl'] - 1:+.0%}" + ("" if resolved(a, b)[2] else ", not resolved")
+
+# %% ../nbs/09b_report.ipynb #4a6d7112
+def controls_bullet(ref: Path) -> str:
+    "Each model's test perplexity with and without its mixer at the quick budget, over seeds, and the LSTM's"
+    s = controls_summary(ref)
+    machine = machine_of(study_metadata(ref/"controls")[0])
+    return (f"**What the mixing is worth, at the quick budget.** ResNet-BK {seeded(s['baseline_quick'])}, without its "
+            f"mixer {seeded(s['baseline_quick_no_mixer'])} ({mixer_gain(s, 'baseline_quick')}); the Transformer "
+            f"{seeded(s['transformer_quick'])}, without attention {seeded(s['transformer_quick_no_mixer'])} "
+            f"({mixer_gain(s, 'transformer_quick')}); the LSTM {seeded(s['lstm_quick'])} (test perplexity over "
+            f"{s['baseline_quick']['seeds']} seeds, on {machine}).")
+
+# %% ../nbs/09b_report.ipynb #63148c19
+def _lowest(s: dict[str, dict], names: dict[str, str]) -> str:
+    "The model of lowest mean test perplexity among `names` (label -> run), resolved against the runner-up or not"
+    (a, ra), (_, rb) = sorted(names.items(), key=lambda kv: s[kv[1]]["test_ppl"])[:2]
+    return a + ("" if resolved(s[rb], s[ra])[2] else " (not resolved)")
+
+def wins_table(ref: Path) -> str:
+    "Per sequence length and budget: each model's test perplexity, its mixer's gain over its control, the lowest"
+    s, w = controls_summary(ref), {n: run_of(ref/"whole", n)["test_perplexity"] for n in RUNS["whole"][1:]}
+    todo = "not measured yet"
+    rows = [["128", "quick", seeded(s["baseline_quick"]), mixer_gain(s, "baseline_quick"), seeded(s["transformer_quick"]),
+             mixer_gain(s, "transformer_quick"), seeded(s["lstm_quick"]),
+             _lowest(s, {"ResNet-BK": "baseline_quick", "Transformer": "transformer_quick", "LSTM": "lstm_quick"})],
+            ["128", "whole split", f"{w['resnet_bk_baseline']:,.1f}", todo, f"{w['transformer']:,.1f}", todo, todo,
+             "Transformer (one seed)" if w["transformer"] < w["resnet_bk_baseline"] else "ResNet-BK (one seed)"],
+            ["2,048 and 16,384", "quick, whole split", todo, todo, todo, todo, todo, todo]]
+    return md_table(["N", "budget", "ResNet-BK", "its mixer's gain", "Transformer", "attention's gain", "LSTM", "lowest"], rows)
+
 # %% ../nbs/09b_report.ipynb #bf6ee210
 def claims_bullet(ref: Path) -> str:
     "Which of the original's claims for `full` held at both budgets, at one, at neither"
@@ -123,13 +172,15 @@ def claims_table(ref: Path) -> str:
 
 # %% ../nbs/09b_report.ipynb #d8d9da9b
 def answer_section(ref: Path) -> str:
-    "The README's '## The answer': the sentences, the summary table, the claims, the whole split's curves"
-    bullets = [quick_bullet(ref), whole_bullet(ref), scaling_bullet(ref), claims_bullet(ref)]
+    "The README's '## The answer': the sentences, where ResNet-BK wins, the summary table, the claims, the curves"
+    bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref), scaling_bullet(ref), claims_bullet(ref)]
     curves = f"results/reference/{(ref/'whole').name}/wikitext2/training_curves.png"
-    return "\n\n".join(["## The answer", "\n".join(f"- {b}" for b in bullets), summary_table(ref), claims_table(ref),
+    return "\n\n".join(["## The answer", "\n".join(f"- {b}" for b in bullets),
+                         "**Where ResNet-BK wins** (test perplexity; a mixer's gain is how much worse its model does without it):",
+                         wins_table(ref), summary_table(ref), claims_table(ref),
                          f"![training curves on the whole split: loss and validation perplexity]({curves})",
-                         "Each budget in detail, the ablation of the twelve optimizations, the seeds, the scaling study, the "
-                         "learning-rate sweep and every study's provenance: [RESULTS.md](RESULTS.md)."])
+                         "Each budget in detail, the controls, the design sweep, the ablation of the twelve optimizations, the "
+                         "seeds, the scaling study, the learning-rate sweep and every study's provenance: [RESULTS.md](RESULTS.md)."])
 
 # %% ../nbs/09b_report.ipynb #d1c61927
 def plot_sweep(study: Path) -> Path:
@@ -179,6 +230,25 @@ def scaling_part(ref: Path) -> list[str]:
             crossover_line(study), "![time per sequence and peak memory against N](results/reference/scaling/scaling.png)",
             provenance_line(study)]
 
+# %% ../nbs/09b_report.ipynb #5c83ddef
+def controls_part(ref: Path) -> list[str]:
+    "The models beside their controls (mixing removed) and the LSTM, over seeds"
+    return ["## Controls", "The quick presets beside their controls — each model with its sequence mixing removed (`mixer = none`, "
+            "03: each token sees only itself) — and the LSTM (03, at the learning rate its sweep chose), from several seeds, "
+            "interleaved (07b). What a model loses without its mixer is what its mixer is worth:",
+            controls_section(ref/"controls", CONTROLS), provenance_line(ref/"controls")]
+
+# %% ../nbs/09b_report.ipynb #0598e839
+DESIGNS = ("design_quick",)  # the design sweep's studies (07c), one per model (the Transformer's is still to run)
+
+def design_part(ref: Path) -> list[str]:
+    "The design sweep (07c): each model's trials at the quick budget, the choice, provenance"
+    out = ["## Design", "ResNet-BK's mixer in nine designs at the quick budget, the validation split choosing (07c); the "
+           "Transformer's nine trials are still to run, and until they are no design replaces a preset. `reach`: how many "
+           "tokens back the trained mixers' memory falls to 1% of its value at k = 0 (03)."]
+    for s in DESIGNS: out += [trials_section(ref/s), provenance_line(ref/s)]
+    return out
+
 # %% ../nbs/09b_report.ipynb #81260142
 def sweep_part(ref: Path) -> list[str]:
     "The learning-rate sweep, the chosen learning rates, and every run of the sweep"
@@ -197,7 +267,7 @@ def results_markdown(ref: Path | None = None) -> str:
     head = ["# Results", "> Every reference study of bk_nbdev, rendered from its JSON by `bk report`; the answer in short is "
             "the README's first screen."]
     return "\n\n".join([*head, *budget_part(ref/"quick", "The quick budget"), *budget_part(ref/"whole", "The whole training split"),
-                         *ablation_part(ref), *scaling_part(ref), *sweep_part(ref)]) + "\n"
+                         *controls_part(ref), *design_part(ref), *ablation_part(ref), *scaling_part(ref), *sweep_part(ref)]) + "\n"
 
 # %% ../nbs/09b_report.ipynb #42339df2
 def readme_text(index: dict) -> str:

@@ -13,10 +13,10 @@ from .curves import final_subset_perplexity, reach, subset_points
 from .results import ablation_runs, ablation_table, load_runs, resolved, transformer_of
 
 # %% auto #0
-__all__ = ['md_table', 'sweep_section', 'models_section', 'chosen_section', 'machine_of', 'study_metadata', 'provenance_line',
-           'presets_section', 'ratio_words', 'time_claim', 'artifact_claim', 'claims_rows', 'claims_section',
-           'reach_line', 'pct', 'ablation_section', 'exit_section', 'seeds_table', 'difference', 'seeds_section',
-           'scaling_section', 'crossover_line']
+__all__ = ['md_table', 'sweep_section', 'trials_section', 'models_section', 'chosen_section', 'machine_of', 'study_metadata',
+           'provenance_line', 'presets_section', 'ratio_words', 'time_claim', 'artifact_claim', 'claims_rows',
+           'claims_section', 'reach_line', 'pct', 'ablation_section', 'exit_section', 'seeds_table', 'difference',
+           'seeds_section', 'controls_section', 'scaling_section', 'crossover_line']
 
 # %% ../nbs/09a_tables.ipynb #e80594d2
 def md_table(header: list[str], rows: list[list]) -> str:
@@ -35,6 +35,17 @@ def sweep_section(study: Path) -> str:
     edge = [p for p in presets if choice[p]["at_edge"]]
     note = f"\n\nAt the edge of the grid (the optimum may lie beyond it): {', '.join(edge)}." if edge else ""
     return md_table(["learning rate", *presets], [[f"{lr:g}", *(cell(p, lr) for p in presets)] for lr in lrs]) + note
+
+# %% ../nbs/09a_tables.ipynb #81c549b9
+def trials_section(study: Path) -> str:
+    "The design sweep's trials (07c's trials.json): validation perplexity, parameters, reach; the choice in bold"
+    rows, choice = json.loads((study/"trials.json").read_text()), json.loads((study/"trial_choice.json").read_text())
+    bold = lambda r: f"**{r['val_ppl_best']:,.1f}**" if choice[r["preset"]]["model_name"] == r["model_name"] else r["val_ppl_best"]
+    table = md_table(["preset", "trial", "val ppl", "params", "reach"],
+                     [[r["preset"], r["trial"] or "(the preset)", bold(r), r["params"], "-" if r["reach"] is None else r["reach"]]
+                      for r in rows])
+    return table + "\n\n" + "; ".join(f"{p}: `{c['trial'] or '(the preset)'}`, {c['gain']:.3f}× better than the preset"
+                                       for p, c in choice.items()) + "."
 
 # %% ../nbs/09a_tables.ipynb #2ed7be14
 def models_section(study: Path) -> str:
@@ -201,6 +212,13 @@ def seeds_section(study: Path, reference: str) -> str:
     return seeds_table(rows) + "\n\n" + "; ".join(
         f"{r['run']} − {reference}: {difference(r, t, 'test_ppl', 'test ppl', ',.1f')}, "
         f"{difference(r, t, 'seconds_per_step', 's/step', '.3f')}" for r in rows if r is not t) + "."
+
+# %% ../nbs/09a_tables.ipynb #d0ac58af
+def controls_section(study: Path, pairs: dict[str, str]) -> str:
+    "The seeds table of a controls study, then per model (`pairs`: model -> its control) what removing its mixer costs"
+    rows = {r["run"]: r for r in json.loads((study/"seed_summary.json").read_text())}
+    say = lambda m, c: f"{c} − {m}: {difference(rows[c], rows[m], 'test_ppl', 'test ppl', ',.1f')}"
+    return seeds_table(list(rows.values())) + "\n\n" + "; ".join(say(m, c) for m, c in pairs.items()) + "."
 
 # %% ../nbs/09a_tables.ipynb #25c4cf9a
 def scaling_section(study: Path) -> str:
