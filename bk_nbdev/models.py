@@ -76,6 +76,7 @@ class TransformerConfig(ModelConfig):
     "The causal Transformer, the reference every other model is measured against"
     n_heads: int = 4            # attention heads; must divide d_model
     ffn_mult: int = 4           # FFN width = ffn_mult * d_model
+    attn_dropout: bool = True   # drop attention weights too, at `dropout` (off: O(N)-memory attention on a CPU; below)
 
     def __post_init__(self):
         super().__post_init__()
@@ -161,7 +162,7 @@ class CausalLM(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout if cfg.attn_dropout else 0.0
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)

@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .curves import final_subset_perplexity
 from .results import load_runs, project_root, resolved, transformer_of
 from .runtime import atomic_write_bytes
 from .tables import (
-    ablation_section, chosen_section, claims_rows, claims_section, controls_section, crossover_line, exit_section, machine_of,
-    md_table, models_section, presets_section, provenance_line, ratio_words, reach_line, scaling_section, seeds_section,
-    study_metadata, sweep_section, trials_section)
+    TRACK_FIGURES, TRACK_TOKENS, ablation_section, chosen_section, claims_rows, claims_section, controls_section,
+    crossover_line, exit_section, figure_cells, figures_of, machine_of, md_table, models_section, presets_section,
+    provenance_line, ratio_words, reach_line, scaling_section, seeds_section, study_metadata, sweep_section, track_rows,
+    track_section, trials_section)
 
 # %% auto #0
-__all__ = ['RUNS', 'CONTROLS', 'DESIGNS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet',
-           'scaling_bullet', 'controls_summary', 'seeded', 'mixer_gain', 'controls_bullet', 'wins_table',
-           'claims_bullet', 'summary_table', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part',
-           'ablation_part', 'scaling_part', 'controls_part', 'design_part', 'sweep_part', 'results_markdown',
+__all__ = ['RUNS', 'CONTROLS', 'QUICK_RUNS', 'TRACK_STUDIES', 'DESIGNS', 'run_of', 'budget_line', 'ratio', 'verdict',
+           'quick_bullet', 'whole_bullet', 'scaling_bullet', 'controls_summary', 'seeded', 'mixer_gain',
+           'controls_bullet', 'seeded_group', 'whole_group', 'track_groups', 'wins_table', 'claims_bullet',
+           'summary_table', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part', 'ablation_part',
+           'scaling_part', 'controls_part', 'design_part', 'track_part', 'sweep_part', 'results_markdown',
            'readme_text', 'write_results']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
@@ -123,22 +126,48 @@ def controls_bullet(ref: Path) -> str:
             f"{s['baseline_quick']['seeds']} seeds, on {machine}).")
 
 # %% ../nbs/09b_report.ipynb #63148c19
-def _lowest(s: dict[str, dict], names: dict[str, str]) -> str:
-    "The model of lowest mean test perplexity among `names` (label -> run), resolved against the runner-up or not"
-    (a, ra), (_, rb) = sorted(names.items(), key=lambda kv: s[kv[1]]["test_ppl"])[:2]
-    return a + ("" if resolved(s[rb], s[ra])[2] else " (not resolved)")
+QUICK_RUNS = {"ResNet-BK": "baseline_quick", "Transformer": "transformer_quick", "LSTM": "lstm_quick"}  # label -> run
 
+def seeded_group(ref: Path) -> tuple[str, str, list[dict]]:
+    "The quick budget at N = 128 from the controls study: each model's mean test perplexity and its mixer's gain"
+    s, rows = controls_summary(ref), []
+    for label, run in QUICK_RUNS.items():
+        c = s[CONTROLS[run]] if run in CONTROLS else None
+        rows.append({"model": label, "test_ppl": s[run]["test_ppl"], "gain": c and c["test_ppl"] / s[run]["test_ppl"] - 1,
+                     "text": {"test_ppl": seeded(s[run])} | ({"gain": mixer_gain(s, run)} if c else {})})
+    lo, runner = sorted(rows, key=lambda r: r["test_ppl"])[:2]
+    if not resolved(s[QUICK_RUNS[runner["model"]]], s[QUICK_RUNS[lo["model"]]])[2]: lo["text"]["test_ppl"] += ", not resolved"
+    return "128 × 32", f"quick, {s['baseline_quick']['seeds']} seeds", rows
+
+# %% ../nbs/09b_report.ipynb #7e666425
+def whole_group(ref: Path) -> tuple[str, str, list[dict]]:
+    "The whole split at N = 128 from the whole study: ResNet-BK's and the Transformer's figures (their controls: not yet)"
+    w, (_, base, tr) = ref/"whole", RUNS["whole"]
+    t = run_of(w, tr)
+    target = final_subset_perplexity(t) * 1.01  # 09's tolerance, as in the track
+    rows = [{"model": m, **figures_of(run_of(w, n), None, target), "text": {"gain": "not measured yet"}}
+            for m, n in (("ResNet-BK", base), ("Transformer", tr))]
+    return "128 × 32", "whole split", rows + [{"model": "LSTM", "missing": "not measured yet"}]
+
+# %% ../nbs/09b_report.ipynb #06858e89
+TRACK_STUDIES = {"quick": ("track_quick", (128, 2048, 16_384)), "whole": ("track_whole", (2048,))}  # budget -> (study, lengths)
+
+def track_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
+    "The long-context track's groups (N × batch, budget, rows), from its studies; a length not measured is one row saying so"
+    out = []
+    for budget, (name, lengths) in TRACK_STUDIES.items():
+        rows = track_rows(ref/name, budget)
+        for N in lengths:
+            mine = [r for r in rows if r["N"] == N] or [{"model": "all", "missing": "not measured yet"}]
+            out.append((f"{N:,} × {TRACK_TOKENS // N}", {"quick": "quick", "whole": "whole split"}[budget], mine))
+    return out
+
+# %% ../nbs/09b_report.ipynb #97beb2e0
 def wins_table(ref: Path) -> str:
-    "Per sequence length and budget: each model's test perplexity, its mixer's gain over its control, the lowest"
-    s, w = controls_summary(ref), {n: run_of(ref/"whole", n)["test_perplexity"] for n in RUNS["whole"][1:]}
-    todo = "not measured yet"
-    rows = [["128", "quick", seeded(s["baseline_quick"]), mixer_gain(s, "baseline_quick"), seeded(s["transformer_quick"]),
-             mixer_gain(s, "transformer_quick"), seeded(s["lstm_quick"]),
-             _lowest(s, {"ResNet-BK": "baseline_quick", "Transformer": "transformer_quick", "LSTM": "lstm_quick"})],
-            ["128", "whole split", f"{w['resnet_bk_baseline']:,.1f}", todo, f"{w['transformer']:,.1f}", todo, todo,
-             "Transformer (one seed)" if w["transformer"] < w["resnet_bk_baseline"] else "ResNet-BK (one seed)"],
-            ["2,048 and 16,384", "quick, whole split", todo, todo, todo, todo, todo, todo]]
-    return md_table(["N", "budget", "ResNet-BK", "its mixer's gain", "Transformer", "attention's gain", "LSTM", "lowest"], rows)
+    "Per length, batch and budget, a row per model: test ppl, its mixer's gain, time to quality, cost; each group's best in bold"
+    groups = [seeded_group(ref), whole_group(ref), *track_groups(ref)]
+    rows = [[n, b, r["model"], *c] for n, b, g in groups for r, c in zip(g, figure_cells(g, bold=True), strict=True)]
+    return md_table(["N × batch", "budget", "model", *TRACK_FIGURES.values()], rows)
 
 # %% ../nbs/09b_report.ipynb #bf6ee210
 def claims_bullet(ref: Path) -> str:
@@ -176,11 +205,14 @@ def answer_section(ref: Path) -> str:
     bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref), scaling_bullet(ref), claims_bullet(ref)]
     curves = f"results/reference/{(ref/'whole').name}/wikitext2/training_curves.png"
     return "\n\n".join(["## The answer", "\n".join(f"- {b}" for b in bullets),
-                         "**Where ResNet-BK wins** (test perplexity; a mixer's gain is how much worse its model does without it):",
+                         "**Where ResNet-BK wins** (N × batch: sequence length and batch size; a mixer's gain: how much worse "
+                         "its model does without it; s to the Transformer's quality: training seconds to the Transformer's "
+                         "final validation perplexity in the same group; bold: the best of its group):",
                          wins_table(ref), summary_table(ref), claims_table(ref),
                          f"![training curves on the whole split: loss and validation perplexity]({curves})",
-                         "Each budget in detail, the controls, the design sweep, the ablation of the twelve optimizations, the "
-                         "seeds, the scaling study, the learning-rate sweep and every study's provenance: [RESULTS.md](RESULTS.md)."])
+                         "Each budget in detail, the controls, the design sweep, the long-context track, the ablation of the "
+                         "twelve optimizations, the seeds, the scaling study, the learning-rate sweep and every study's "
+                         "provenance: [RESULTS.md](RESULTS.md)."])
 
 # %% ../nbs/09b_report.ipynb #d1c61927
 def plot_sweep(study: Path) -> Path:
@@ -249,6 +281,18 @@ def design_part(ref: Path) -> list[str]:
     for s in DESIGNS: out += [trials_section(ref/s), provenance_line(ref/s)]
     return out
 
+# %% ../nbs/09b_report.ipynb #0f01072a
+def track_part(ref: Path) -> list[str]:
+    "The long-context track (09a): per budget, each model at each length, with provenance; a study not run says so"
+    out = ["## Long context", f"The Transformer, ResNet-BK, their controls and the LSTM at N = 128, 2,048 and 16,384 with "
+           f"{TRACK_TOKENS:,} tokens per step (batch 128, 8 and 1), the Transformer with whole attention weights (03's "
+           "`attn_dropout`); the time to quality is to the Transformer's final validation perplexity at the same length."]
+    for budget, (name, _) in TRACK_STUDIES.items():
+        done = (ref/name/"provenance.json").exists()
+        out += [f"**The {'quick budget' if budget == 'quick' else 'whole split'}.**",
+                *([track_section(ref/name, budget), provenance_line(ref/name)] if done else ["Not measured yet."])]
+    return out
+
 # %% ../nbs/09b_report.ipynb #81260142
 def sweep_part(ref: Path) -> list[str]:
     "The learning-rate sweep, the chosen learning rates, and every run of the sweep"
@@ -267,7 +311,8 @@ def results_markdown(ref: Path | None = None) -> str:
     head = ["# Results", "> Every reference study of bk_nbdev, rendered from its JSON by `bk report`; the answer in short is "
             "the README's first screen."]
     return "\n\n".join([*head, *budget_part(ref/"quick", "The quick budget"), *budget_part(ref/"whole", "The whole training split"),
-                         *controls_part(ref), *design_part(ref), *ablation_part(ref), *scaling_part(ref), *sweep_part(ref)]) + "\n"
+                         *controls_part(ref), *design_part(ref), *track_part(ref), *ablation_part(ref), *scaling_part(ref),
+                         *sweep_part(ref)]) + "\n"
 
 # %% ../nbs/09b_report.ipynb #42339df2
 def readme_text(index: dict) -> str:

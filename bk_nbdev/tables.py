@@ -13,10 +13,11 @@ from .curves import final_subset_perplexity, reach, subset_points
 from .results import ablation_runs, ablation_table, load_runs, resolved, transformer_of
 
 # %% auto #0
-__all__ = ['md_table', 'sweep_section', 'trials_section', 'models_section', 'chosen_section', 'machine_of', 'study_metadata',
-           'provenance_line', 'presets_section', 'ratio_words', 'time_claim', 'artifact_claim', 'claims_rows',
-           'claims_section', 'reach_line', 'pct', 'ablation_section', 'exit_section', 'seeds_table', 'difference',
-           'seeds_section', 'controls_section', 'scaling_section', 'crossover_line']
+__all__ = ['TRACK', 'TRACK_TOKENS', 'TRACK_FIGURES', 'BEST', 'md_table', 'sweep_section', 'trials_section', 'models_section',
+           'chosen_section', 'machine_of', 'study_metadata', 'provenance_line', 'presets_section', 'ratio_words',
+           'time_claim', 'artifact_claim', 'claims_rows', 'claims_section', 'reach_line', 'pct', 'ablation_section',
+           'exit_section', 'seeds_table', 'difference', 'seeds_section', 'controls_section', 'scaling_section',
+           'crossover_line', 'track_run', 'seconds_to', 'figures_of', 'track_rows', 'figure_cells', 'track_section']
 
 # %% ../nbs/09a_tables.ipynb #e80594d2
 def md_table(header: list[str], rows: list[list]) -> str:
@@ -248,3 +249,68 @@ def crossover_line(study: Path) -> str:
     flops = (f" At N = {f['N']:,} the Transformer needs {f['transformer_over_resnet_bk']:.2f}× ResNet-BK's FLOPs per training "
              f"step ({f['transformer_over_resnet_bk_without_head']:.2f}× without the LM head).") if f else ""
     return "**Crossover.** ResNet-BK's forward+backward is faster: " + "; ".join(say(p) for p in s["crossover"]) + "." + flops
+
+# %% ../nbs/09a_tables.ipynb #eb5d5473
+TRACK = {"ResNet-BK": ("baseline", "baseline_no_mixer"), "Transformer": ("transformer", "transformer_no_mixer"),
+         "LSTM": ("lstm", None)}  # label -> (preset stem, its control's stem: the same model without its mixer)
+TRACK_TOKENS = 16_384  # tokens per training step at every length of the track
+
+def track_run(stem: str, N: int, budget: str) -> str:
+    "The preset (and run) name of model `stem` at length `N` in the track's `budget`: 'quick' or 'whole'"
+    if budget not in ("quick", "whole"): raise ValueError(f"budget must be 'quick' or 'whole', got {budget!r}")
+    return f"{stem}_quick_n{N}" if budget == "quick" else f"{stem}_n{N}"
+
+# %% ../nbs/09a_tables.ipynb #141c9e34
+def seconds_to(r: dict, target: float) -> float | None:
+    "Training seconds for run `r` to first reach validation-subset perplexity `target`; None if it never does"
+    p = reach(subset_points(r["val_curve"]), target)
+    return None if p is None else p["seconds"]
+
+# %% ../nbs/09a_tables.ipynb #a8aae28c
+def figures_of(r: dict, control: dict | None, target: float | None) -> dict:
+    "Run `r`'s figures: test ppl, its mixer's gain over `control`, training seconds to `target`, tokens/s, peak MB"
+    reached = None if target is None else seconds_to(r, target)
+    return {"test_ppl": r["test_perplexity"], "gain": control and control["test_perplexity"] / r["test_perplexity"] - 1,
+            "to_quality": "not reached" if target is not None and reached is None else reached,
+            "tokens_per_second": r["tokens_per_second"], "peak_mb": r["peak_memory_mb"]}
+
+# %% ../nbs/09a_tables.ipynb #412b8771
+def track_rows(study: Path, budget: str, tolerance: float = 0.01) -> list[dict]:
+    "Per length and model of a track study: test ppl, its mixer's gain, seconds to the Transformer's quality, tokens/s, peak MB"
+    runs = {r["model_name"]: r for r in load_runs(study)}
+    prov = study/"provenance.json"
+    unfinished = json.loads(prov.read_text()).get("unfinished", {}) if prov.exists() else {}
+    rows = []
+    for N in sorted({r["config"]["n_seq"] for r in runs.values()} | {int(k.rsplit("_n", 1)[1]) for k in unfinished}):
+        get = lambda stem: runs.get(track_run(stem, N, budget)) if stem else None
+        t = get("transformer")
+        target = t and final_subset_perplexity(t) * (1 + tolerance)
+        for label, (stem, control) in TRACK.items():
+            r, row = get(stem), {"N": N, "model": label}
+            rows.append(row | ({"missing": unfinished.get(track_run(stem, N, budget), "not measured yet")} if r is None
+                               else figures_of(r, get(control), target)))
+    return rows
+
+# %% ../nbs/09a_tables.ipynb #ef14a2e9
+TRACK_FIGURES = {"test_ppl": "test ppl", "gain": "its mixer's gain", "to_quality": "s to the Transformer's quality",
+                 "tokens_per_second": "tokens/s", "peak_mb": "peak MB"}
+BEST = {"test_ppl": (min, ",.1f"), "gain": (max, "+.0%"), "to_quality": (min, ",.0f"), "tokens_per_second": (max, ",.0f"),
+        "peak_mb": (min, ",.0f")}  # figure -> (which value is best, format)
+
+# %% ../nbs/09a_tables.ipynb #bc274e4e
+def figure_cells(rows: list[dict], bold: bool = False) -> list[list[str]]:
+    "Each row's figures formatted (a row's `text` overrides one; a missing run says why); with `bold`, each column's best"
+    nums = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in BEST}
+    best = {k: BEST[k][0](v) if bold and len(v) > 1 else None for k, v in nums.items()}
+    def one(r, k):
+        v = r.get(k)
+        s = r.get("text", {}).get(k) or ("-" if v is None else v if isinstance(v, str) else f"{v:{BEST[k][1]}}")
+        return f"**{s}**" if v is not None and v == best[k] else s
+    return [[r["missing"]] + [""] * (len(BEST) - 1) if "missing" in r else [one(r, k) for k in BEST] for r in rows]
+
+# %% ../nbs/09a_tables.ipynb #e2163f98
+def track_section(study: Path, budget: str) -> str:
+    "The track study `study` at `budget` as a table: per length and model, the figures of `track_rows`"
+    rows = track_rows(study, budget)
+    return md_table(["N", "model", *TRACK_FIGURES.values()],
+                    [[f"{r['N']:,}", r["model"], *c] for r, c in zip(rows, figure_cells(rows), strict=True)])
