@@ -20,9 +20,9 @@ from .tables import (
 
 # %% auto #0
 __all__ = ['RUNS', 'CONTROLS', 'QUICK_RUNS', 'TRACK_STUDIES', 'DESIGNS', 'run_of', 'budget_line', 'ratio', 'verdict',
-           'quick_bullet', 'whole_bullet', 'scaling_bullet', 'controls_summary', 'seeded', 'mixer_gain',
-           'controls_bullet', 'seeded_group', 'whole_group', 'track_groups', 'wins_table', 'claims_bullet',
-           'summary_table', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part', 'ablation_part',
+           'quick_bullet', 'whole_bullet', 'scaling_bullet', 'track_sentence', 'controls_summary', 'seeded',
+           'mixer_gain', 'controls_bullet', 'seeded_group', 'whole_group', 'track_groups', 'wins_table',
+           'claims_bullet', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part', 'ablation_part',
            'scaling_part', 'controls_part', 'design_part', 'track_part', 'sweep_part', 'results_markdown',
            'readme_text', 'write_results']
 
@@ -87,15 +87,31 @@ def whole_bullet(ref: Path) -> str:
 
 # %% ../nbs/09b_report.ipynb #83ffddb1
 def scaling_bullet(ref: Path) -> str:
-    "How much faster ResNet-BK's training step is at the longest N the scaling study measured, with and without the head"
+    "How much faster ResNet-BK's training step is at the longest N the scaling study measured, then the track's quality"
     s = json.loads((ref/"scaling"/"scaling.json").read_text())
     t = {(r["part"], r["model"], r["N"]): r["fwd_bwd_s"] for r in s["rows"]}
     n = max(N for p, m, N in t if p == "model" and m == "resnet_bk" and ("model", "transformer", N) in t)
     x = lambda p: t[p, "transformer", n] / t[p, "resnet_bk", n]
-    return (f"**Long sequences are where its O(N) mixing pays — in speed.** At N = {n:,} a training step (forward and "
+    return (f"**Long sequences are where its O(N) mixing should pay.** At N = {n:,} a training step (forward and "
             f"backward) is {ratio_words(x('model'), 'faster', 'slower')} than the Transformer's, "
-            f"{ratio_words(x('model_no_head'), 'faster', 'slower')} without the LM head (08). Its quality at long "
-            "context is not measured yet.")
+            f"{ratio_words(x('model_no_head'), 'faster', 'slower')} without the LM head (08). {track_sentence(ref)}")
+
+# %% ../nbs/09b_report.ipynb #8bc86587
+def _took(r: dict) -> str:
+    "A track row's time to the Transformer's quality, in words"
+    v = r["to_quality"]
+    return "not measured" if v is None else v if isinstance(v, str) else f"in {v:,.0f} s"
+
+def track_sentence(ref: Path) -> str:
+    "The track's quick budget at each length beyond 128 it measured: test perplexities, and the time to the Transformer's quality"
+    rows = [r for r in track_rows(ref/"track_quick", "quick") if r["N"] > 128 and "missing" not in r]
+    if not rows: return "Its quality at long context is not measured yet."
+    def at(N):
+        mine = [r for r in rows if r["N"] == N]
+        return (f"at N = {N:,}, test perplexity " + ", ".join(f"{r['model']} {r['test_ppl']:,.1f}" for r in mine) +
+                " (to the Transformer's final validation quality: " + ", ".join(f"{r['model']} {_took(r)}" for r in mine) + ")")
+    return (f"In quality, on the long-context track (quick budget, one seed, {TRACK_TOKENS:,} tokens per step): " +
+            "; ".join(at(N) for N in dict.fromkeys(r["N"] for r in rows)) + ".")
 
 # %% ../nbs/09b_report.ipynb #0ae1b9e4
 CONTROLS = {"baseline_quick": "baseline_quick_no_mixer", "transformer_quick": "transformer_quick_no_mixer"}  # model -> control
@@ -178,19 +194,6 @@ def claims_bullet(ref: Path) -> str:
     return (f"**Of the original's claims for `full`**, held at both budgets: {which((True, True))}; at one: "
             f"{which((True, False), (False, True))}; at neither: {which((False, False))} (the table below).")
 
-# %% ../nbs/09b_report.ipynb #5470e771
-def summary_table(ref: Path) -> str:
-    "Per budget, `full`, the baseline and the Transformer: perplexities, ratio, training time, throughput, memory, size"
-    rows = []
-    for s, names in RUNS.items():
-        for n in names:
-            r = run_of(ref/s, n)
-            rows.append([{"quick": "quick", "whole": "whole split"}[s], n, r["best_perplexity"], r["test_perplexity"],
-                         f"{ratio(ref/s, n):.2f}", f"{r['training_time']:,.0f}", f"{r['tokens_per_second']:,.0f}",
-                         r["peak_memory_mb"], f"{r['model_size_mb']:.2f}"])
-    return md_table(["budget", "model", "val ppl", "test ppl", "test ppl / Transformer", "training s", "tokens/s",
-                     "peak MB", "size MB"], rows)
-
 # %% ../nbs/09b_report.ipynb #58f43711
 def claims_table(ref: Path) -> str:
     "The original's claims for `full` at both budgets side by side, and whether each held at both, one or neither"
@@ -201,14 +204,14 @@ def claims_table(ref: Path) -> str:
 
 # %% ../nbs/09b_report.ipynb #d8d9da9b
 def answer_section(ref: Path) -> str:
-    "The README's '## The answer': the sentences, where ResNet-BK wins, the summary table, the claims, the curves"
+    "The README's '## The answer': the sentences, where ResNet-BK wins, the claims, the curves"
     bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref), scaling_bullet(ref), claims_bullet(ref)]
     curves = f"results/reference/{(ref/'whole').name}/wikitext2/training_curves.png"
     return "\n\n".join(["## The answer", "\n".join(f"- {b}" for b in bullets),
                          "**Where ResNet-BK wins** (N × batch: sequence length and batch size; a mixer's gain: how much worse "
                          "its model does without it; s to the Transformer's quality: training seconds to the Transformer's "
                          "final validation perplexity in the same group; bold: the best of its group):",
-                         wins_table(ref), summary_table(ref), claims_table(ref),
+                         wins_table(ref), claims_table(ref),
                          f"![training curves on the whole split: loss and validation perplexity]({curves})",
                          "Each budget in detail, the controls, the design sweep, the long-context track, the ablation of the "
                          "twelve optimizations, the seeds, the scaling study, the learning-rate sweep and every study's "
@@ -267,8 +270,9 @@ def controls_part(ref: Path) -> list[str]:
     "The models beside their controls (mixing removed) and the LSTM, over seeds"
     return ["## Controls", "The quick presets beside their controls — each model with its sequence mixing removed (`mixer = none`, "
             "03: each token sees only itself) — and the LSTM (03, at the learning rate its sweep chose), from several seeds, "
-            "interleaved (07b). What a model loses without its mixer is what its mixer is worth:",
-            controls_section(ref/"controls", CONTROLS), provenance_line(ref/"controls")]
+            "interleaved (07b). What a model loses without its mixer is what its mixer is worth. Not all of its runs were "
+            "timed alone (provenance below), so it gives no time per step:",
+            controls_section(ref/"controls", CONTROLS, timed=False), provenance_line(ref/"controls")]
 
 # %% ../nbs/09b_report.ipynb #0598e839
 DESIGNS = ("design_quick",)  # the design sweep's studies (07c), one per model (the Transformer's is still to run)

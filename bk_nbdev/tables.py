@@ -194,11 +194,14 @@ def exit_section(study: Path) -> str:
     return md_table(["exit threshold", "validation ppl", "mean exit layer", "eval speed-up", "FLOPs per token"], rows)
 
 # %% ../nbs/09a_tables.ipynb #d138d841
-def seeds_table(rows: list[dict]) -> str:
+def seeds_table(rows: list[dict],
+                timed: bool = True, # whether the runs were timed alone: if not, no s/step column
+               ) -> str:
     "07b's seed summary rows as a table: each run's seeds, and mean ± standard deviation of its figures"
     pm = lambda r, k, f: f"{r[k]:{f}} ± {r[k + '_sd']:{f}}"
-    return md_table(["run", "seeds", "val ppl", "test ppl", "s/step"], [[r["run"], r["seeds"], pm(r, "val_ppl", ",.1f"),
-                    pm(r, "test_ppl", ",.1f"), pm(r, "seconds_per_step", ".3f")] for r in rows])
+    return md_table(["run", "seeds", "val ppl", "test ppl"] + ["s/step"] * timed,
+                    [[r["run"], r["seeds"], pm(r, "val_ppl", ",.1f"), pm(r, "test_ppl", ",.1f")] +
+                     [pm(r, "seconds_per_step", ".3f")] * timed for r in rows])
 
 def difference(a: dict, b: dict, key: str, unit: str, f: str) -> str:
     "Mean of `a` minus mean of `b` in figure `key`, and whether the seeds resolve it"
@@ -215,11 +218,13 @@ def seeds_section(study: Path, reference: str) -> str:
         f"{difference(r, t, 'seconds_per_step', 's/step', '.3f')}" for r in rows if r is not t) + "."
 
 # %% ../nbs/09a_tables.ipynb #d0ac58af
-def controls_section(study: Path, pairs: dict[str, str]) -> str:
+def controls_section(study: Path, pairs: dict[str, str],
+                     timed: bool = True, # whether the runs were timed alone (else no s/step column)
+                    ) -> str:
     "The seeds table of a controls study, then per model (`pairs`: model -> its control) what removing its mixer costs"
     rows = {r["run"]: r for r in json.loads((study/"seed_summary.json").read_text())}
     say = lambda m, c: f"{c} − {m}: {difference(rows[c], rows[m], 'test_ppl', 'test ppl', ',.1f')}"
-    return seeds_table(list(rows.values())) + "\n\n" + "; ".join(say(m, c) for m, c in pairs.items()) + "."
+    return seeds_table(list(rows.values()), timed) + "\n\n" + "; ".join(say(m, c) for m, c in pairs.items()) + "."
 
 # %% ../nbs/09a_tables.ipynb #25c4cf9a
 def scaling_section(study: Path) -> str:
