@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses, math
 from dataclasses import dataclass
 
+from fastcore.basics import patch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -134,29 +135,37 @@ class CausalLM(nn.Module):
 
     def body(self, x: Tensor) -> Tensor: raise NotImplementedError
 
-    def logits(self, x: Tensor) -> Tensor: return self.head(self.ln_f(x))
+# %% ../nbs/03_models.ipynb #d1f2b6dd
+@patch
+def logits(self: CausalLM, x: Tensor) -> Tensor: return self.head(self.ln_f(x))
 
-    def forward(self, tokens: Tensor, targets: Tensor | None = None) -> Tensor:
-        "Logits (B, N, V); given `targets`, each token's cross-entropy (B, N) instead, never materializing the logits"
-        self.aux, self._stats = {}, {}
-        x = self.body(self.embed(tokens))
-        return self.logits(x) if targets is None else self.nll(x, targets)
+@patch
+def nll(self: CausalLM, x: Tensor, targets: Tensor) -> Tensor:
+    "Cross-entropy (B, N) of each token, from body output x (B, N, d)"
+    return self.head(self.ln_f(x), targets)
 
-    def nll(self, x: Tensor, targets: Tensor) -> Tensor:
-        "Cross-entropy (B, N) of each token, from body output x (B, N, d)"
-        return self.head(self.ln_f(x), targets)
+@patch
+def forward(self: CausalLM, tokens: Tensor, targets: Tensor | None = None) -> Tensor:
+    "Logits (B, N, V); given `targets`, each token's cross-entropy (B, N) instead, never materializing the logits"
+    self.aux, self._stats = {}, {}
+    x = self.body(self.embed(tokens))
+    return self.logits(x) if targets is None else self.nll(x, targets)
 
-    def loss(self, tokens: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        "Mean token cross-entropy plus the weighted auxiliary losses; returns (total, parts)"
-        ce = self(tokens, targets).mean()
-        parts = {"ce": ce, **self.aux}
-        return sum(parts.values()), parts
+# %% ../nbs/03_models.ipynb #c0569e18
+@patch
+def loss(self: CausalLM, tokens: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    "Mean token cross-entropy plus the weighted auxiliary losses; returns (total, parts)"
+    ce = self(tokens, targets).mean()
+    parts = {"ce": ce, **self.aux}
+    return sum(parts.values()), parts
 
-    def stats(self) -> dict[str, float]:
-        "Measured quantities of the last forward pass"
-        return dict(self._stats)
+@patch
+def stats(self: CausalLM) -> dict[str, float]:
+    "Measured quantities of the last forward pass"
+    return dict(self._stats)
 
-    def n_params(self) -> int: return sum(p.numel() for p in self.parameters())
+@patch
+def n_params(self: CausalLM) -> int: return sum(p.numel() for p in self.parameters())
 
 # %% ../nbs/03_models.ipynb #255f1a20
 class CausalSelfAttention(nn.Module):
@@ -251,30 +260,36 @@ class BKMixer(nn.Module):
         v = self.v_proj(h)
         return v if self.cfg.v_scale == 1 else self.cfg.v_scale * v
 
-    def problems(self, h: Tensor, v: Tensor) -> tuple[Tensor, object, Tensor | None]:
-        "BK-Core's rows: potentials (B·C, N), shifts (a number or (B·C,)), off-diagonals (B·C, N−1) or None"
-        B, N, C = v.shape
-        rows = lambda t: t.permute(0, 2, 1).reshape(B * C, t.shape[1])
-        z = torch.complex(self.z_re, F.softplus(self.z_im)).repeat(B) if self.z_re is not None else self.cfg.z
-        b = None if self.b_proj is None else rows(2 * torch.sigmoid(self.b_proj(h[:, 1:])))
-        return rows(v), z, b
-
-    def resolvent(self, h: Tensor, v: Tensor) -> Tensor:
-        "Features (B, N, 2C) from FFN output h (B, N, d) and potentials v (B, N, C)"
-        B, N, C = v.shape
-        rv, z, b = self.problems(h, v)
-        g = bk_core(rv, z=z, b=b, use_analytic_gradient=self.cfg.use_analytic_gradient).view(B, C, N).permute(0, 2, 1)
-        return torch.cat([g.real, g.imag], -1).to(v.dtype)
-
     def forward(self, h: Tensor, v: Tensor | None = None) -> Tensor:
-        "Mixing term for FFN output h (B, N, d); `v` overrides the potential"
+        "Mixing term for FFN output h (B, N, d); `v` overrides the potential (the features come from `resolvent`, below)"
         out = self.output_proj(self.resolvent(h, self.potential(h) if v is None else v))
         return self.bk_scale * (out if self.gate is None else out * F.silu(self.gate(h)))
 
-    def memory(self, h: Tensor, v: Tensor) -> Tensor:
-        "01's `memory_profile` of this mixer's problems at (h, v): mean |∂g_N/∂v_(N−k)| for k = 0 … N−1"
-        rv, z, b = self.problems(h, v)
-        return memory_profile(rv, z, b=b)
+# %% ../nbs/03_models.ipynb #0c43dbd0
+@patch
+def problems(self: BKMixer, h: Tensor, v: Tensor) -> tuple[Tensor, object, Tensor | None]:
+    "BK-Core's rows: potentials (B·C, N), shifts (a number or (B·C,)), off-diagonals (B·C, N−1) or None"
+    B, N, C = v.shape
+    rows = lambda t: t.permute(0, 2, 1).reshape(B * C, t.shape[1])
+    z = torch.complex(self.z_re, F.softplus(self.z_im)).repeat(B) if self.z_re is not None else self.cfg.z
+    b = None if self.b_proj is None else rows(2 * torch.sigmoid(self.b_proj(h[:, 1:])))
+    return rows(v), z, b
+
+# %% ../nbs/03_models.ipynb #7a17d005
+@patch
+def resolvent(self: BKMixer, h: Tensor, v: Tensor) -> Tensor:
+    "Features (B, N, 2C) from FFN output h (B, N, d) and potentials v (B, N, C)"
+    B, N, C = v.shape
+    rv, z, b = self.problems(h, v)
+    g = bk_core(rv, z=z, b=b, use_analytic_gradient=self.cfg.use_analytic_gradient).view(B, C, N).permute(0, 2, 1)
+    return torch.cat([g.real, g.imag], -1).to(v.dtype)
+
+# %% ../nbs/03_models.ipynb #33010248
+@patch
+def memory(self: BKMixer, h: Tensor, v: Tensor) -> Tensor:
+    "01's `memory_profile` of this mixer's problems at (h, v): mean |∂g_N/∂v_(N−k)| for k = 0 … N−1"
+    rv, z, b = self.problems(h, v)
+    return memory_profile(rv, z, b=b)
 
 # %% ../nbs/03_models.ipynb #48d1aaa5
 class ResNetBKLayer(nn.Module):

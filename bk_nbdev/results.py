@@ -14,7 +14,7 @@ from .curves import POSITION, final_subset_perplexity, reach, subset_points
 
 # %% auto #0
 __all__ = ['CLAIMS', 'OWN_MEASURE', 'NOTES', 'FIGURES', 'project_root', 'load_runs', 'transformer_of', 'ablation_runs',
-           'time_to_quality', 'headline_ppl', 'ablation_table', 'seed_summary', 'resolved']
+           'quality_target', 'time_to_quality', 'headline_ppl', 'ablation_table', 'seed_summary', 'resolved']
 
 # %% ../nbs/09_results.ipynb #6f1bf6a6
 def project_root() -> Path:
@@ -76,9 +76,13 @@ def _change(a, b):
     return None if not b else a / b - 1
 
 # %% ../nbs/09_results.ipynb #d979c2ef
+def quality_target(base: dict, tolerance: float = 0.01) -> float:
+    "The perplexity that counts as the base's quality: its final subset perplexity, `tolerance` above"
+    return final_subset_perplexity(base) * (1 + tolerance)
+
 def time_to_quality(r: dict, base: dict, tolerance: float = 0.01) -> dict:
     "Steps, tokens, FLOPs and seconds for `r` to first reach the base's final subset perplexity, relative to the base's"
-    target = final_subset_perplexity(base) * (1 + tolerance)
+    target = quality_target(base, tolerance)
     mine, theirs = (reach(subset_points(x["val_curve"]), target) for x in (r, base))
     return {f"{k}_to_base_ppl": "not reached" if mine is None else mine[k] / theirs[k] for k in POSITION}
 

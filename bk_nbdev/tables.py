@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 from .curves import final_subset_perplexity, reach, subset_points
-from .results import ablation_runs, ablation_table, load_runs, resolved, transformer_of
+from .results import ablation_runs, ablation_table, load_runs, quality_target, resolved, transformer_of
 
 # %% auto #0
-__all__ = ['TRACK', 'TRACK_TOKENS', 'TRACK_FIGURES', 'BEST', 'md_table', 'sweep_section', 'trials_section', 'models_section',
+__all__ = ['TRACK', 'TRACK_TOKENS', 'TRACK_FIGURES', 'md_table', 'sweep_section', 'trials_section', 'models_section',
            'chosen_section', 'machine_of', 'study_metadata', 'provenance_line', 'presets_section', 'ratio_words',
            'time_claim', 'artifact_claim', 'claims_rows', 'claims_section', 'reach_line', 'pct', 'ablation_section',
            'exit_section', 'seeds_table', 'difference', 'seeds_section', 'controls_section', 'scaling_section',
@@ -289,7 +289,7 @@ def track_rows(study: Path, budget: str, tolerance: float = 0.01) -> list[dict]:
     for N in sorted({r["config"]["n_seq"] for r in runs.values()} | {int(k.rsplit("_n", 1)[1]) for k in unfinished}):
         get = lambda stem: runs.get(track_run(stem, N, budget)) if stem else None
         t = get("transformer")
-        target = t and final_subset_perplexity(t) * (1 + tolerance)
+        target = t and quality_target(t, tolerance)
         for label, (stem, control) in TRACK.items():
             r, row = get(stem), {"N": N, "model": label}
             rows.append(row | ({"missing": unfinished.get(track_run(stem, N, budget), "not measured yet")} if r is None
@@ -297,25 +297,25 @@ def track_rows(study: Path, budget: str, tolerance: float = 0.01) -> list[dict]:
     return rows
 
 # %% ../nbs/09a_tables.ipynb #ef14a2e9
-TRACK_FIGURES = {"test_ppl": "test ppl", "gain": "its mixer's gain", "to_quality": "s to the Transformer's quality",
-                 "tokens_per_second": "tokens/s", "peak_mb": "peak MB"}
-BEST = {"test_ppl": (min, ",.1f"), "gain": (max, "+.0%"), "to_quality": (min, ",.0f"), "tokens_per_second": (max, ",.0f"),
-        "peak_mb": (min, ",.0f")}  # figure -> (which value is best, format)
+TRACK_FIGURES = {"test_ppl": ("test ppl", min, ",.1f"), "gain": ("its mixer's gain", max, "+.0%"),
+                 "to_quality": ("s to the Transformer's quality", min, ",.0f"), "tokens_per_second": ("tokens/s", max, ",.0f"),
+                 "peak_mb": ("peak MB", min, ",.0f")}  # figure -> (column header, which value is best, format)
 
 # %% ../nbs/09a_tables.ipynb #bc274e4e
 def figure_cells(rows: list[dict], bold: bool = False) -> list[list[str]]:
     "Each row's figures formatted (a row's `text` overrides one; a missing run says why); with `bold`, each column's best"
-    nums = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in BEST}
-    best = {k: BEST[k][0](v) if bold and len(v) > 1 else None for k, v in nums.items()}
+    nums = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in TRACK_FIGURES}
+    best = {k: TRACK_FIGURES[k][1](v) if bold and len(v) > 1 else None for k, v in nums.items()}
     def one(r, k):
         v = r.get(k)
-        s = r.get("text", {}).get(k) or ("-" if v is None else v if isinstance(v, str) else f"{v:{BEST[k][1]}}")
+        s = r.get("text", {}).get(k) or ("-" if v is None else v if isinstance(v, str) else f"{v:{TRACK_FIGURES[k][2]}}")
         return f"**{s}**" if v is not None and v == best[k] else s
-    return [[r["missing"]] + [""] * (len(BEST) - 1) if "missing" in r else [one(r, k) for k in BEST] for r in rows]
+    return [[r["missing"]] + [""] * (len(TRACK_FIGURES) - 1) if "missing" in r else [one(r, k) for k in TRACK_FIGURES]
+            for r in rows]
 
 # %% ../nbs/09a_tables.ipynb #e2163f98
 def track_section(study: Path, budget: str) -> str:
     "The track study `study` at `budget` as a table: per length and model, the figures of `track_rows`"
     rows = track_rows(study, budget)
-    return md_table(["N", "model", *TRACK_FIGURES.values()],
+    return md_table(["N", "model", *(h for h, *_ in TRACK_FIGURES.values())],
                     [[f"{r['N']:,}", r["model"], *c] for r, c in zip(rows, figure_cells(rows), strict=True)])
