@@ -20,10 +20,10 @@ from .tables import (
 # %% auto #0
 __all__ = ['RUNS', 'CONTROLS', 'QUICK_RUNS', 'WHOLE_CONTROLS', 'TRACK_STUDIES', 'DESIGNS', 'run_of', 'budget_line', 'ratio',
            'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet', 'track_sentence', 'controls_summary', 'seeded',
-           'mixer_gain', 'controls_bullet', 'seeded_group', 'whole_group', 'track_groups', 'wins_table',
+           'mixer_gain', 'controls_bullet', 'seeded_group', 'whole_group', 'whole_gains', 'track_groups', 'wins_table',
            'claims_bullet', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part', 'ablation_part',
-           'scaling_part', 'controls_part', 'winner_line', 'design_part', 'track_part', 'sweep_part',
-           'results_markdown', 'readme_text', 'write_results']
+           'scaling_part', 'whole_controls_section', 'controls_part', 'winner_line', 'design_part', 'track_part',
+           'sweep_part', 'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
 RUNS = {"quick": ("resnet_bk_full_quick", "resnet_bk_baseline_quick", "transformer_quick"),  # study -> (full, baseline, Transformer)
@@ -134,7 +134,7 @@ def controls_bullet(ref: Path) -> str:
     "Each model's test perplexity with and without its mixer at the quick budget, over seeds, and the LSTM's"
     s = controls_summary(ref)
     machine = machine_of(study_metadata(ref/"controls")[0])
-    return (f"**What the mixing is worth, at the quick budget.** ResNet-BK {seeded(s['baseline_quick'])}, without its "
+    return (f"**What the mixing is worth.** At the quick budget ResNet-BK {seeded(s['baseline_quick'])}, without its "
             f"mixer {seeded(s['baseline_quick_no_mixer'])} ({mixer_gain(s, 'baseline_quick')}); the Transformer "
             f"{seeded(s['transformer_quick'])}, without attention {seeded(s['transformer_quick_no_mixer'])} "
             f"({mixer_gain(s, 'transformer_quick')}); the LSTM {seeded(s['lstm_quick'])} (test perplexity over "
@@ -168,12 +168,25 @@ def whole_group(ref: Path) -> tuple[str, str, list[dict]]:
         control = more.get(control_run)
         out = {"model": label, **figures_of(r, control, target),
                "text": {"gain": "not measured yet"} if control_run and control is None else {}}
+        if control and machine_of(control["metadata"]) != machine_of(r["metadata"]):
+            out["text"]["gain"] = f"{out['gain']:+.0%}, across CPU kinds"  # the kind alone moves perplexity ~1% (provenance)
         if machine_of(r["metadata"]) == mine: return out
         times = ("to_quality", "tokens_per_second")  # measured on another CPU kind: shown, not compared
         return out | dict.fromkeys(times) | {"text": out["text"] | {
             k: out[k] if isinstance(out[k], str) else f"{out[k]:,.0f} (other CPU)" for k in times}}
     rows = [row(m, run_of(w, n), WHOLE_CONTROLS[m]) for m, n in (("ResNet-BK", base), ("Transformer", tr))]
     return "128 × 32", "whole split", rows + [row("LSTM", more.get("lstm"), None)]
+
+# %% ../nbs/09b_report.ipynb #bb8f35cb
+def whole_gains(ref: Path) -> str:
+    "What ResNet-BK's mixer and the Transformer's attention are worth on the whole split, and the LSTM there, where measured"
+    rows = {r["model"]: r for r in whole_group(ref)[2]}
+    said = [f"{m}'s {what} {rows[m]['text'].get('gain') or format(rows[m]['gain'], '+.0%')}"
+            for m, what in (("ResNet-BK", "mixer"), ("Transformer", "attention")) if isinstance(rows[m]["gain"], float)]
+    if "test_ppl" in rows["LSTM"]:  # the O(N) peer
+        said.append(f"the LSTM {rows['LSTM']['test_ppl']:,.1f} ({rows['LSTM']['test_ppl'] / rows['Transformer']['test_ppl']:.2f}× "
+                    "the Transformer's)")
+    return f" On the whole split (one seed): {'; '.join(said)}." if said else ""
 
 # %% ../nbs/09b_report.ipynb #06858e89
 TRACK_STUDIES = {"quick": ("track_quick", (128, 2048, 16_384)), "whole": ("track_whole", (2048,))}  # budget -> (study, lengths)
@@ -215,7 +228,8 @@ def claims_table(ref: Path) -> str:
 # %% ../nbs/09b_report.ipynb #d8d9da9b
 def answer_section(ref: Path) -> str:
     "The README's '## The answer': the sentences, where ResNet-BK wins, the claims, the curves"
-    bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref), scaling_bullet(ref), claims_bullet(ref)]
+    bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref) + whole_gains(ref), scaling_bullet(ref),
+               claims_bullet(ref)]
     curves = f"results/reference/{(ref/'whole').name}/wikitext2/training_curves.png"
     return "\n\n".join(["## The answer", "\n".join(f"- {b}" for b in bullets),
                          "**Where ResNet-BK wins** (N × batch: sequence length and batch size; a mixer's gain: how much worse "
@@ -275,14 +289,26 @@ def scaling_part(ref: Path) -> list[str]:
             crossover_line(study), "![time per sequence and peak memory against N](results/reference/scaling/scaling.png)",
             provenance_line(study)]
 
+# %% ../nbs/09b_report.ipynb #a15b5835
+def whole_controls_section(ref: Path) -> str:
+    "The whole split's models (whole study) beside their controls and the LSTM (whole_controls): one seed each, with the CPU"
+    w, c = ref/"whole", ref/"whole_controls"
+    runs = [run_of(w, n) for n in RUNS["whole"][1:]] + load_runs(c)
+    return md_table(["run", "val ppl", "test ppl", "training s", "tokens/s", "peak MB", "CPU"],
+                    [[r["model_name"], r["best_perplexity"], r["test_perplexity"], r["training_time"],
+                      f"{r['tokens_per_second']:,.0f}", r["peak_memory_mb"], machine_of(r["metadata"])] for r in runs])
+
 # %% ../nbs/09b_report.ipynb #5c83ddef
 def controls_part(ref: Path) -> list[str]:
-    "The models beside their controls (mixing removed) and the LSTM, over seeds"
+    "The models beside their controls (mixing removed) and the LSTM: over seeds at the quick budget; on the whole split"
     return ["## Controls", "The quick presets beside their controls — each model with its sequence mixing removed (`mixer = none`, "
             "03: each token sees only itself) — and the LSTM (03, at the learning rate its sweep chose), from several seeds, "
             "interleaved (07b). What a model loses without its mixer is what its mixer is worth. Not all of its runs were "
             "timed alone (provenance below), so it gives no time per step:",
-            controls_section(ref/"controls", CONTROLS, timed=False), provenance_line(ref/"controls")]
+            controls_section(ref/"controls", CONTROLS, timed=False), provenance_line(ref/"controls"),
+            "**On the whole split**, one seed: the whole study's ResNet-BK and Transformer beside their controls and the LSTM "
+            "(whole_controls), run on another CPU kind (its training seconds and throughput do not compare with the whole "
+            "study's):", whole_controls_section(ref), provenance_line(ref/"whole_controls")]
 
 # %% ../nbs/09b_report.ipynb #0598e839
 DESIGNS = {"design_quick": None, "design_quick_transformer": "design_quick_transformer_seeds"}  # study -> its winner's seeds
