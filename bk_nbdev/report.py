@@ -181,8 +181,9 @@ def whole_group(ref: Path) -> tuple[str, str, list[dict]]:
 def whole_gains(ref: Path) -> str:
     "What ResNet-BK's mixer and the Transformer's attention are worth on the whole split, and the LSTM there, where measured"
     rows = {r["model"]: r for r in whole_group(ref)[2]}
-    said = [f"{m}'s {what} {rows[m]['text'].get('gain') or format(rows[m]['gain'], '+.0%')}"
-            for m, what in (("ResNet-BK", "mixer"), ("Transformer", "attention")) if isinstance(rows[m]["gain"], float)]
+    said = [f"{what} {rows[m]['text'].get('gain') or format(rows[m]['gain'], '+.0%')}"
+            for m, what in (("ResNet-BK", "ResNet-BK's mixer"), ("Transformer", "the Transformer's attention"))
+            if isinstance(rows[m]["gain"], float)]
     if "test_ppl" in rows["LSTM"]:  # the O(N) peer
         said.append(f"the LSTM {rows['LSTM']['test_ppl']:,.1f} ({rows['LSTM']['test_ppl'] / rows['Transformer']['test_ppl']:.2f}× "
                     "the Transformer's)")
