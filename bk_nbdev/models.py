@@ -219,25 +219,28 @@ class MoEFFN(nn.Module):
         self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Dropout(dropout),
                                                    nn.Linear(2 * d, d)) for _ in range(num_experts))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        "Output (T, d) for tokens x (T, d), and the load-balancing loss"
-        if x.shape[0] == 0: return torch.zeros_like(x), x.new_zeros(())  # no tokens (e.g. all halted by ACT)
-        E = len(self.experts)
-        probs = self.router(x).softmax(-1)                          # (T, E)
-        gate, idx = probs.topk(self.top_k, dim=-1)                  # (T, k)
-        flat_idx = idx.flatten()
-        order = flat_idx.argsort(stable=True)
-        token_of = order // self.top_k                              # token of each sorted (token, slot) pair
-        counts = torch.bincount(flat_idx, minlength=E)
-        sizes = counts.tolist()                                     # the one host transfer
-        out = torch.zeros_like(x)
-        for e, (tok, g) in enumerate(zip(token_of.split(sizes), gate.flatten()[order].split(sizes))):
-            if not len(tok): continue
-            padded = F.pad(tok, (0, -len(tok) % self.row_multiple))  # pad with token 0; padded rows are dropped
-            out.index_add_(0, tok, (self.experts[e](x[padded])[: len(tok)] * g[:, None]).to(out.dtype))  # autocast
-        frac = counts.to(x.dtype) / flat_idx.numel()
-        balance = E * (frac * probs.mean(0)).sum()
-        return out, balance
+
+# %% ../nbs/03_models.ipynb #37635f7a
+@patch
+def forward(self: MoEFFN, x: Tensor) -> tuple[Tensor, Tensor]:
+    "Output (T, d) for tokens x (T, d), and the load-balancing loss"
+    if x.shape[0] == 0: return torch.zeros_like(x), x.new_zeros(())  # no tokens (e.g. all halted by ACT)
+    E = len(self.experts)
+    probs = self.router(x).softmax(-1)                          # (T, E)
+    gate, idx = probs.topk(self.top_k, dim=-1)                  # (T, k)
+    flat_idx = idx.flatten()
+    order = flat_idx.argsort(stable=True)
+    token_of = order // self.top_k                              # token of each sorted (token, slot) pair
+    counts = torch.bincount(flat_idx, minlength=E)
+    sizes = counts.tolist()                                     # the one host transfer
+    out = torch.zeros_like(x)
+    for e, (tok, g) in enumerate(zip(token_of.split(sizes), gate.flatten()[order].split(sizes))):
+        if not len(tok): continue
+        padded = F.pad(tok, (0, -len(tok) % self.row_multiple))  # pad with token 0; padded rows are dropped
+        out.index_add_(0, tok, (self.experts[e](x[padded])[: len(tok)] * g[:, None]).to(out.dtype))  # autocast
+    frac = counts.to(x.dtype) / flat_idx.numel()
+    balance = E * (frac * probs.mean(0)).sum()
+    return out, balance
 
 # %% ../nbs/03_models.ipynb #be5edced
 def _inverse_softplus(y: float) -> float: return math.log(math.expm1(y))
