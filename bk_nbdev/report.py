@@ -18,12 +18,12 @@ from .tables import (
     track_section, trials_section)
 
 # %% auto #0
-__all__ = ['RUNS', 'CONTROLS', 'QUICK_RUNS', 'WHOLE_CONTROLS', 'TRACK_STUDIES', 'DESIGNS', 'run_of', 'budget_line', 'ratio',
-           'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet', 'track_sentence', 'controls_summary', 'seeded',
-           'mixer_gain', 'controls_bullet', 'seeded_group', 'whole_group', 'whole_gains', 'track_groups', 'wins_table',
-           'claims_bullet', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part', 'ablation_part',
-           'scaling_part', 'whole_controls_section', 'controls_part', 'winner_line', 'design_part', 'track_part',
-           'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+__all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'QUICK_RUNS', 'WHOLE_CONTROLS', 'DESIGNS', 'run_of',
+           'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet', 'track_sentence',
+           'controls_summary', 'seeded', 'mixer_gain', 'controls_bullet', 'seeded_group', 'whole_group', 'whole_gains',
+           'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part',
+           'ablation_part', 'scaling_part', 'whole_controls_section', 'controls_part', 'winner_line', 'design_part',
+           'track_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
 RUNS = {"quick": ("resnet_bk_full_quick", "resnet_bk_baseline_quick", "transformer_quick"),  # study -> (full, baseline, Transformer)
@@ -96,21 +96,31 @@ def scaling_bullet(ref: Path) -> str:
             f"{ratio_words(x('model_no_head'), 'faster', 'slower')} without the LM head (08). {track_sentence(ref)}")
 
 # %% ../nbs/09b_report.ipynb #8bc86587
+TRACK_STUDIES = {"quick": ("track_quick", (128, 2048, 16_384)), "whole": ("track_whole", (2048,))}  # budget -> (study, lengths)
+TRACK_BUDGETS = {"quick": "quick budget", "whole": "whole split"}  # budget -> its name in prose and tables
+
 def _took(r: dict) -> str:
     "A track row's time to the Transformer's quality, in words"
     v = r["to_quality"]
     return "not measured" if v is None else v if isinstance(v, str) else f"in {v:,.0f} s"
 
+# %% ../nbs/09b_report.ipynb #133c375c
+def _at(rows: list[dict], N: int) -> str:
+    "The track's `rows` at length `N`: test perplexities, and the time to the Transformer's quality"
+    mine = [r for r in rows if r["N"] == N]
+    return (f"at N = {N:,}, test perplexity " + ", ".join(f"{r['model']} {r['test_ppl']:,.1f}" for r in mine) +
+            " (to the Transformer's final validation quality: " + ", ".join(f"{r['model']} {_took(r)}" for r in mine) + ")")
+
 def track_sentence(ref: Path) -> str:
-    "The track's quick budget at each length beyond 128 it measured: test perplexities, and the time to the Transformer's quality"
-    rows = [r for r in track_rows(ref/"track_quick", "quick") if r["N"] > 128 and "missing" not in r]
-    if not rows: return "Its quality at long context is not measured yet."
-    def at(N):
-        mine = [r for r in rows if r["N"] == N]
-        return (f"at N = {N:,}, test perplexity " + ", ".join(f"{r['model']} {r['test_ppl']:,.1f}" for r in mine) +
-                " (to the Transformer's final validation quality: " + ", ".join(f"{r['model']} {_took(r)}" for r in mine) + ")")
-    return (f"In quality, on the long-context track (quick budget, one seed, {TRACK_TOKENS:,} tokens per step): " +
-            "; ".join(at(N) for N in dict.fromkeys(r["N"] for r in rows)) + ".")
+    "Per budget of the track, at each length beyond 128 it measured: test perplexities, and the time to the Transformer's quality"
+    said = []
+    for budget, (name, _) in TRACK_STUDIES.items():
+        rows = [r for r in track_rows(ref/name, budget) if r["N"] > 128 and "missing" not in r]
+        lead = {"quick": "at the", "whole": "on the"}[budget] + f" {TRACK_BUDGETS[budget]}: "
+        if rows: said.append(lead + "; ".join(_at(rows, N) for N in dict.fromkeys(r["N"] for r in rows)) + ".")
+    if not said: return "Its quality at long context is not measured yet."
+    return (f"On the long-context track (one seed, {TRACK_TOKENS:,} tokens per step), in quality {said[0]}" +
+            "".join(f" {s[0].upper()}{s[1:]}" for s in said[1:]))
 
 # %% ../nbs/09b_report.ipynb #0ae1b9e4
 CONTROLS = {"baseline_quick": "baseline_quick_no_mixer", "transformer_quick": "transformer_quick_no_mixer"}  # model -> control
@@ -190,8 +200,6 @@ def whole_gains(ref: Path) -> str:
     return f" On the whole split (one seed): {'; '.join(said)}." if said else ""
 
 # %% ../nbs/09b_report.ipynb #06858e89
-TRACK_STUDIES = {"quick": ("track_quick", (128, 2048, 16_384)), "whole": ("track_whole", (2048,))}  # budget -> (study, lengths)
-
 def track_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
     "The long-context track's groups (N × batch, budget, rows), from its studies; a length not measured is one row saying so"
     out = []
@@ -345,7 +353,7 @@ def track_part(ref: Path) -> list[str]:
            "`attn_dropout`); the time to quality is to the Transformer's final validation perplexity at the same length."]
     for budget, (name, _) in TRACK_STUDIES.items():
         done = (ref/name/"provenance.json").exists()
-        out += [f"**The {'quick budget' if budget == 'quick' else 'whole split'}.**",
+        out += [f"**The {TRACK_BUDGETS[budget]}.**",
                 *([track_section(ref/name, budget), provenance_line(ref/name)] if done else ["Not measured yet."])]
     return out
 
