@@ -97,7 +97,7 @@ def scaling_bullet(ref: Path) -> str:
 
 # %% ../nbs/09b_report.ipynb #8bc86587
 TRACK_STUDIES = {"quick": ("track_quick", (128, 2048, 16_384)), "whole": ("track_whole", (2048,))}  # budget -> (study, lengths)
-TRACK_BUDGETS = {"quick": "quick budget", "whole": "whole split"}  # budget -> its name in prose and tables
+TRACK_BUDGETS = {"quick": "quick budget", "whole": "whole split"}  # budget -> its name in prose and headings
 
 def _took(r: dict) -> str:
     "A track row's time to the Transformer's quality, in words"
