@@ -84,10 +84,11 @@ class TransformerConfig(ModelConfig):
         if not isinstance(self.n_heads, int) or self.n_heads < 1 or self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
 
-# %% ../nbs/03_models.ipynb #fd11d6dc
+# %% ../nbs/03_models.ipynb #69e02552
 BK_HOPPINGS = ("fixed", "input")   # off-diagonals b: all ones (the Laplacian), or a gate computed from each token
 BK_READOUTS = ("linear", "gated")  # features -> output: a projection, or a projection gated by the token itself
 
+# %% ../nbs/03_models.ipynb #fd11d6dc
 @dataclass
 class ResNetBKConfig(ModelConfig):
     "ResNet-BK: MoE FFN + causal BK-Core in each block"
