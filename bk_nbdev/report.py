@@ -111,12 +111,13 @@ def _at(rows: list[dict], N: int) -> str:
     return (f"at N = {N:,}, test perplexity " + ", ".join(f"{r['model']} {r['test_ppl']:,.1f}" for r in mine) +
             " (to the Transformer's final validation quality: " + ", ".join(f"{r['model']} {_took(r)}" for r in mine) + ")")
 
+# %% ../nbs/09b_report.ipynb #1c91cd37
 def track_sentence(ref: Path) -> str:
     "Per budget of the track, at each length beyond 128 it measured: test perplexities, and the time to the Transformer's quality"
     said = []
     for budget, (name, _) in TRACK_STUDIES.items():
         rows = [r for r in track_rows(ref/name, budget) if r["N"] > 128 and "missing" not in r]
-        lead = {"quick": "at the", "whole": "on the"}[budget] + f" {TRACK_BUDGETS[budget]}: "
+        lead = f"{'on' if budget == 'whole' else 'at'} the {TRACK_BUDGETS[budget]}: "
         if rows: said.append(lead + "; ".join(_at(rows, N) for N in dict.fromkeys(r["N"] for r in rows)) + ".")
     if not said: return "Its quality at long context is not measured yet."
     return (f"On the long-context track (one seed, {TRACK_TOKENS:,} tokens per step), in quality {said[0]}" +
