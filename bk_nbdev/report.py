@@ -12,15 +12,16 @@ from pathlib import Path
 from .results import load_runs, project_root, quality_target, resolved, transformer_of
 from .runtime import atomic_write_bytes
 from .tables import (
-    TRACK_FIGURES, TRACK_TOKENS, ablation_section, chosen_section, claims_rows, claims_section, controls_section,
+    TRACK, TRACK_FIGURES, TRACK_TOKENS, ablation_section, chosen_section, claims_rows, claims_section, controls_section,
     crossover_line, exit_section, figure_cells, figures_of, machine_of, md_table, models_section, presets_section,
     provenance_line, ratio_words, reach_line, scaling_section, seeds_section, study_metadata, sweep_section, track_rows,
-    track_section, trials_section)
+    track_run, track_section, trials_section)
 
 # %% auto #0
-__all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'QUICK_RUNS', 'WHOLE_CONTROLS', 'DESIGNS', 'run_of',
-           'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet', 'track_sentence',
-           'controls_summary', 'seeded', 'mixer_gain', 'controls_bullet', 'seeded_group', 'whole_group', 'whole_gains',
+__all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS', 'DESIGNS',
+           'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet',
+           'track_sentence', 'controls_summary', 'seeded', 'mixer_gain', 'controls_bullet', 'mark_unresolved',
+           'seeded_group', 'track_seeds', 'track_seeded_groups', 'track_seeds_sentence', 'whole_group', 'whole_gains',
            'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part',
            'ablation_part', 'scaling_part', 'whole_controls_section', 'controls_part', 'winner_line', 'design_part',
            'track_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
@@ -151,6 +152,13 @@ def controls_bullet(ref: Path) -> str:
             f"({mixer_gain(s, 'transformer_quick')}); the LSTM {seeded(s['lstm_quick'])} (test perplexity over "
             f"{s['baseline_quick']['seeds']} seeds, on {machine}).")
 
+# %% ../nbs/09b_report.ipynb #cfe58e0d
+def mark_unresolved(rows: list[dict], summary: dict[str, dict]) -> list[dict]:
+    "Mark the lowest mean test ppl of `rows` 'not resolved' where its seeds do not separate it from the runner-up's"
+    lo, runner = sorted(rows, key=lambda r: r["test_ppl"])[:2]  # summary: model -> its seed summary row
+    if not resolved(summary[runner["model"]], summary[lo["model"]])[2]: lo["text"]["test_ppl"] += ", not resolved"
+    return rows
+
 # %% ../nbs/09b_report.ipynb #63148c19
 QUICK_RUNS = {"ResNet-BK": "baseline_quick", "Transformer": "transformer_quick", "LSTM": "lstm_quick"}  # label -> run
 
@@ -161,9 +169,39 @@ def seeded_group(ref: Path) -> tuple[str, str, list[dict]]:
         c = s[CONTROLS[run]] if run in CONTROLS else None
         rows.append({"model": label, "test_ppl": s[run]["test_ppl"], "gain": c and c["test_ppl"] / s[run]["test_ppl"] - 1,
                      "text": {"test_ppl": seeded(s[run])} | ({"gain": mixer_gain(s, run)} if c else {})})
-    lo, runner = sorted(rows, key=lambda r: r["test_ppl"])[:2]
-    if not resolved(s[QUICK_RUNS[runner["model"]]], s[QUICK_RUNS[lo["model"]]])[2]: lo["text"]["test_ppl"] += ", not resolved"
-    return "128 × 32", f"quick, {s['baseline_quick']['seeds']} seeds", rows
+    return "128 × 32", f"quick, {s['baseline_quick']['seeds']} seeds", mark_unresolved(rows, {m: s[r] for m, r in QUICK_RUNS.items()})
+
+# %% ../nbs/09b_report.ipynb #c3ab2115
+TRACK_SEEDS = {"track_quick_seeds": 2048}  # the track's seeds studies (quick budget) -> their length
+
+def track_seeds(ref: Path) -> list[tuple[int, dict[str, dict]]]:
+    "Per seeds study of the track that was run: its length, and each model's seed summary row (model -> row)"
+    out = []
+    for name, N in TRACK_SEEDS.items():
+        if not (f := ref/name/"seed_summary.json").exists(): continue
+        s = {r["run"]: r for r in json.loads(f.read_text())}
+        out.append((N, {m: s[run] for m, (stem, _) in TRACK.items() if (run := track_run(stem, N, "quick")) in s}))
+    return out
+
+# %% ../nbs/09b_report.ipynb #b0747f87
+def track_seeded_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
+    "The track's seeds studies as groups of the table: each model's mean test ppl ± sd, the lowest marked if not resolved"
+    out = []
+    for N, s in track_seeds(ref):
+        rows = [{"model": m, "test_ppl": r["test_ppl"], "text": {"test_ppl": seeded(r)}} for m, r in s.items()]
+        out.append((f"{N:,} × {TRACK_TOKENS // N}", f"quick, {min(r['seeds'] for r in s.values())} seeds", mark_unresolved(rows, s)))
+    return out
+
+# %% ../nbs/09b_report.ipynb #608704fc
+def track_seeds_sentence(ref: Path) -> str:
+    "The track's seeds studies in words: each model's mean test ppl ± sd, and whether the lowest is ahead beyond the spread"
+    said = []
+    for N, s in track_seeds(ref):
+        (lo, a), (runner, b) = sorted(s.items(), key=lambda kv: kv[1]["test_ppl"])[:2]
+        said.append(f" Over {min(r['seeds'] for r in s.values())} seeds at N = {N:,} (quick budget): " +
+                    ", ".join(f"{m} {seeded(r)}" for m, r in s.items()) +
+                    f"; {lo} ahead of {runner} {'beyond' if resolved(b, a)[2] else 'within'} the seeds' spread.")
+    return "".join(said)
 
 # %% ../nbs/09b_report.ipynb #7e666425
 WHOLE_CONTROLS = {"ResNet-BK": "resnet_bk_no_mixer", "Transformer": "transformer_no_mixer"}  # label -> its control's run
@@ -202,13 +240,14 @@ def whole_gains(ref: Path) -> str:
 
 # %% ../nbs/09b_report.ipynb #06858e89
 def track_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
-    "The long-context track's groups (N × batch, budget, rows), from its studies; a length not measured is one row saying so"
-    out = []
+    "The track's groups (N × batch, budget, rows), each quick one followed by its seeds study's; a length not measured says so"
+    out, seeded = [], {g[0]: g for g in track_seeded_groups(ref)}
     for budget, (name, lengths) in TRACK_STUDIES.items():
         rows = track_rows(ref/name, budget)
         for N in lengths:
             mine = [r for r in rows if r["N"] == N] or [{"model": "all", "missing": "not measured yet"}]
-            out.append((f"{N:,} × {TRACK_TOKENS // N}", {"quick": "quick", "whole": "whole split"}[budget], mine))
+            out.append((n := f"{N:,} × {TRACK_TOKENS // N}", {"quick": "quick", "whole": "whole split"}[budget], mine))
+            if budget == "quick" and n in seeded: out.append(seeded[n])
     return out
 
 # %% ../nbs/09b_report.ipynb #97beb2e0
@@ -238,7 +277,8 @@ def claims_table(ref: Path) -> str:
 # %% ../nbs/09b_report.ipynb #d8d9da9b
 def answer_section(ref: Path) -> str:
     "The README's '## The answer': the sentences, where ResNet-BK wins, the claims, the curves"
-    bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref) + whole_gains(ref), scaling_bullet(ref),
+    bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref) + whole_gains(ref),
+               scaling_bullet(ref) + track_seeds_sentence(ref),
                claims_bullet(ref)]
     curves = f"results/reference/{(ref/'whole').name}/wikitext2/training_curves.png"
     return "\n\n".join(["## The answer", "\n".join(f"- {b}" for b in bullets),
@@ -348,7 +388,7 @@ def design_part(ref: Path) -> list[str]:
 
 # %% ../nbs/09b_report.ipynb #0f01072a
 def track_part(ref: Path) -> list[str]:
-    "The long-context track (09a): per budget, each model at each length, with provenance; a study not run says so"
+    "The long-context track (09a): per budget, each model at each length, then its seeds studies, with provenance"
     out = ["## Long context", f"The Transformer, ResNet-BK, their controls and the LSTM at N = 128, 2,048 and 16,384 with "
            f"{TRACK_TOKENS:,} tokens per step (batch 128, 8 and 1), the Transformer with whole attention weights (03's "
            "`attn_dropout`); the time to quality is to the Transformer's final validation perplexity at the same length."]
@@ -356,6 +396,10 @@ def track_part(ref: Path) -> list[str]:
         done = (ref/name/"provenance.json").exists()
         out += [f"**The {TRACK_BUDGETS[budget]}.**",
                 *([track_section(ref/name, budget), provenance_line(ref/name)] if done else ["Not measured yet."])]
+    for name, N in TRACK_SEEDS.items():
+        if (ref/name/"seed_summary.json").exists():
+            out += [f"**Seeds at N = {N:,}, quick budget** (interleaved, 07b):",
+                    seeds_section(ref/name, track_run("baseline", N, "quick")), provenance_line(ref/name)]
     return out
 
 # %% ../nbs/09b_report.ipynb #81260142
