@@ -132,8 +132,8 @@ def sizes(*studies: str, # folders of results (each with wikitext2/*_results.jso
     for s in studies: print(s, json.dumps(int4_sizes(s), indent=1))
 
 def report():
-    "Render README.md's answer and RESULTS.md from results/reference (09b). Example: bk report"
-    from bk_nbdev.report import write_results
+    "Render README.md's answer and RESULTS.md from results/reference (09c). Example: bk report"
+    from bk_nbdev.results_page import write_results
     write_results()
 
 # %% ../nbs/10_cli.ipynb #0398be13

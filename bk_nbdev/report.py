@@ -9,22 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .results import load_runs, project_root, quality_target, resolved, transformer_of
-from .runtime import atomic_write_bytes
+from .results import load_runs, quality_target, resolved, transformer_of
 from .tables import (
-    TRACK, TRACK_FIGURES, TRACK_TOKENS, ablation_section, chosen_section, claims_rows, claims_section, controls_section,
-    crossover_line, exit_section, figure_cells, figures_of, machine_of, md_table, models_section, presets_section,
-    provenance_line, ratio_words, reach_line, scaling_section, seeds_section, study_metadata, sweep_section, track_rows,
-    track_run, track_section, trials_section)
+    TRACK, TRACK_FIGURES, TRACK_TOKENS, claims_rows, figure_cells, figures_of, machine_of, md_table, ratio_words,
+    study_metadata, track_rows, track_run)
 
 # %% auto #0
-__all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS', 'DESIGNS',
-           'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet',
-           'track_sentence', 'controls_summary', 'seeded', 'mixer_gain', 'controls_bullet', 'mark_unresolved',
-           'seeded_group', 'track_seeds', 'track_seeded_groups', 'track_seeds_sentence', 'whole_group', 'whole_gains',
-           'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'answer_section', 'plot_sweep', 'budget_part',
-           'ablation_part', 'scaling_part', 'whole_controls_section', 'controls_part', 'winner_line', 'design_part',
-           'track_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+__all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS', 'run_of',
+           'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet', 'track_sentence',
+           'controls_summary', 'seeded', 'mixer_gain', 'controls_bullet', 'mark_unresolved', 'seeded_group',
+           'track_seeds', 'track_seeded_groups', 'track_seeds_sentence', 'whole_group', 'whole_gains', 'track_groups',
+           'wins_table', 'claims_bullet', 'claims_table', 'answer_section']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
 RUNS = {"quick": ("resnet_bk_full_quick", "resnet_bk_baseline_quick", "transformer_quick"),  # study -> (full, baseline, Transformer)
@@ -290,154 +285,3 @@ def answer_section(ref: Path) -> str:
                          "Each budget in detail, the controls, the design sweep, the long-context track, the ablation of the "
                          "twelve optimizations, the seeds, the scaling study, the learning-rate sweep and every study's "
                          "provenance: [RESULTS.md](RESULTS.md)."])
-
-# %% ../nbs/09b_report.ipynb #d1c61927
-def plot_sweep(study: Path) -> Path:
-    "lr_sweep.png of a study: best validation perplexity against learning rate per preset"
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = json.loads((study/"lr_sweep.json").read_text())
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for p in dict.fromkeys(r["preset"] for r in rows):
-        pts = sorted((r["lr"], r["val_ppl_best"]) for r in rows if r["preset"] == p)
-        ax.plot(*zip(*pts), marker="o", label=p)
-    ax.set_xscale("log"); ax.set_xlabel("learning rate"); ax.set_ylabel("validation perplexity (best epoch)")
-    ax.grid(alpha=0.3); ax.legend(); fig.tight_layout()
-    out = study/"lr_sweep.png"
-    fig.savefig(out, dpi=100); plt.close(fig)
-    return out
-
-# %% ../nbs/09b_report.ipynb #92f1e293
-def budget_part(study: Path, title: str) -> list[str]:
-    "A budget's study: costs, time to quality, curves, the claims for `full`, provenance"
-    full, _, tr = RUNS[study.name]
-    figs = f"results/reference/{study.name}/wikitext2"
-    return [f"## {title}", budget_line(study), presets_section(study), reach_line(study, tr),
-            f"![training curves against steps, tokens, FLOPs and seconds]({figs}/training_curves.png)",
-            f"![total training FLOPs]({figs}/training_flops.png)",
-            "**The original's claims** for `full` against the Transformer (what each optimization does on the axis of its "
-            "own claim is in the ablation below):", claims_section(study, full, tr), provenance_line(study)]
-
-# %% ../nbs/09b_report.ipynb #db7e8cf7
-def ablation_part(ref: Path) -> list[str]:
-    "07's ablation with early exit's inference curve, the seeds study of the presets and that of the ablation's rows"
-    return ["## The ablation", "07's ablation at the quick budget, every row from the same base and seed:",
-            ablation_section(ref/"ablation"),
-            "**Early exit at inference**, the ablation's early-exit row over its exit threshold (validation split):",
-            exit_section(ref/"ablation"), provenance_line(ref/"ablation"),
-            "## Seeds", "The quick presets from several seeds, run interleaved (A B A B…; 07b):",
-            seeds_section(ref/"seeds", "transformer_quick"), provenance_line(ref/"seeds"),
-            "**Seeds of the ablation.** Every row within 5% of the base's test perplexity, from three seeds, interleaved (07b); "
-            "a difference from the base is resolved when it is larger than two standard deviations of a difference:",
-            seeds_section(ref/"ablation_seeds", "base"), provenance_line(ref/"ablation_seeds")]
-
-# %% ../nbs/09b_report.ipynb #85c544be
-def scaling_part(ref: Path) -> list[str]:
-    "08's scaling study: slopes, time and memory at the longest length, crossovers, the figure, provenance"
-    study = ref/"scaling"
-    return ["## Scaling with sequence length", "08's study of a training step's cost against N.", scaling_section(study),
-            crossover_line(study), "![time per sequence and peak memory against N](results/reference/scaling/scaling.png)",
-            provenance_line(study)]
-
-# %% ../nbs/09b_report.ipynb #a15b5835
-def whole_controls_section(ref: Path) -> str:
-    "The whole split's models (whole study) beside their controls and the LSTM (whole_controls): one seed each, with the CPU"
-    w, c = ref/"whole", ref/"whole_controls"
-    runs = [run_of(w, n) for n in RUNS["whole"][1:]] + load_runs(c)
-    return md_table(["run", "val ppl", "test ppl", "training s", "tokens/s", "peak MB", "CPU"],
-                    [[r["model_name"], r["best_perplexity"], r["test_perplexity"], r["training_time"],
-                      f"{r['tokens_per_second']:,.0f}", r["peak_memory_mb"], machine_of(r["metadata"])] for r in runs])
-
-# %% ../nbs/09b_report.ipynb #5c83ddef
-def controls_part(ref: Path) -> list[str]:
-    "The models beside their controls (mixing removed) and the LSTM: over seeds at the quick budget; on the whole split"
-    return ["## Controls", "The quick presets beside their controls — each model with its sequence mixing removed (`mixer = none`, "
-            "03: each token sees only itself) — and the LSTM (03, at the learning rate its sweep chose), from several seeds, "
-            "interleaved (07b). What a model loses without its mixer is what its mixer is worth. Not all of its runs were "
-            "timed alone (provenance below), so it gives no time per step:",
-            controls_section(ref/"controls", CONTROLS, timed=False), provenance_line(ref/"controls"),
-            "**On the whole split**, one seed: the whole study's ResNet-BK and Transformer beside their controls and the LSTM "
-            "(whole_controls), run on another CPU kind (its training seconds and throughput do not compare with the whole "
-            "study's):", whole_controls_section(ref), provenance_line(ref/"whole_controls")]
-
-# %% ../nbs/09b_report.ipynb #0598e839
-DESIGNS = {"design_quick": None, "design_quick_transformer": "design_quick_transformer_seeds"}  # study -> its winner's seeds
-
-def winner_line(ref: Path, seeds: str) -> str:
-    "A design sweep's winner over seeds (study `seeds`) against its preset over the controls study's: validation perplexity"
-    (w,) = json.loads((ref/seeds/"seed_summary.json").read_text())  # the winner, under its preset's name
-    p = controls_summary(ref)[w["run"]]
-    diff, bound, ok = resolved(w, p, "val_ppl")
-    per = lambda study: {r["seed"]: r["val_ppl"] for r in json.loads((ref/study/"seeds.json").read_text()) if r["run"] == w["run"]}
-    a, b = per(seeds), per("controls")
-    return (f"{w['run']}'s winner over {w['seeds']} seeds: validation perplexity {w['val_ppl']:,.1f} ± {w['val_ppl_sd']:,.1f} "
-            f"against the preset's {p['val_ppl']:,.1f} ± {p['val_ppl_sd']:,.1f} (controls study), lower at "
-            f"{sum(a[s] < b[s] for s in a)} of {len(a)} seeds; the difference, {diff:+,.1f}, is {'beyond' if ok else 'within'} "
-            f"the seeds' spread ({bound:,.1f}): {'a candidate for the whole split' if ok else 'the preset stays'}.")
-
-# %% ../nbs/09b_report.ipynb #59efa712
-def design_part(ref: Path) -> list[str]:
-    "The design sweep (07c): each model's trials at the quick budget, the choice, its winner's seeds, provenance"
-    out = ["## Design", "Each model in nine designs at the quick budget, the validation split choosing (07c). A winner other "
-           "than the preset replaces it only if it stays ahead over three seeds, beyond their spread, and then on the whole "
-           "split's validation perplexity. `reach`: how many tokens back the trained mixers' memory falls to 1% of its "
-           "value at k = 0 (03)."]
-    for s, seeds in DESIGNS.items():
-        out += [trials_section(ref/s), provenance_line(ref/s), *([winner_line(ref, seeds), provenance_line(ref/seeds)] if seeds else [])]
-    return out
-
-# %% ../nbs/09b_report.ipynb #0f01072a
-def track_part(ref: Path) -> list[str]:
-    "The long-context track (09a): per budget, each model at each length, then its seeds studies, with provenance"
-    out = ["## Long context", f"The Transformer, ResNet-BK, their controls and the LSTM at N = 128, 2,048 and 16,384 with "
-           f"{TRACK_TOKENS:,} tokens per step (batch 128, 8 and 1), the Transformer with whole attention weights (03's "
-           "`attn_dropout`); the time to quality is to the Transformer's final validation perplexity at the same length."]
-    for budget, (name, _) in TRACK_STUDIES.items():
-        done = (ref/name/"provenance.json").exists()
-        out += [f"**The {TRACK_BUDGETS[budget]}.**",
-                *([track_section(ref/name, budget), provenance_line(ref/name)] if done else ["Not measured yet."])]
-    for name, N in TRACK_SEEDS.items():
-        if (ref/name/"seed_summary.json").exists():
-            out += [f"**Seeds at N = {N:,}, quick budget** (interleaved, 07b):",
-                    seeds_section(ref/name, track_run("baseline", N, "quick")), provenance_line(ref/name)]
-    return out
-
-# %% ../nbs/09b_report.ipynb #81260142
-def sweep_part(ref: Path) -> list[str]:
-    "The learning-rate sweep, the chosen learning rates, and every run of the sweep"
-    study = ref/"quick_lr_sweep"
-    return ["## Learning rate", "The original benchmark trains every model at 1e-3. Validation perplexity of each quick "
-            "preset at each learning rate of the sweep (07a; same budget), the lowest in bold:", sweep_section(study),
-            "![validation perplexity against learning rate](results/reference/quick_lr_sweep/lr_sweep.png)",
-            "Each preset at its chosen learning rate (the presets use these):", chosen_section(study),
-            "**The models.** Every run of the sweep, each against the Transformer at the same learning rate:",
-            models_section(study), provenance_line(study)]
-
-# %% ../nbs/09b_report.ipynb #d199751a
-def results_markdown(ref: Path | None = None) -> str:
-    "RESULTS.md, from the reference results under `ref` (default: results/reference)"
-    ref = ref or project_root()/"results"/"reference"
-    head = ["# Results", "> Every reference study of bk_nbdev, rendered from its JSON by `bk report`; the answer in short is "
-            "the README's first screen."]
-    return "\n\n".join([*head, *budget_part(ref/"quick", "The quick budget"), *budget_part(ref/"whole", "The whole training split"),
-                         *controls_part(ref), *design_part(ref), *track_part(ref), *ablation_part(ref), *scaling_part(ref),
-                         *sweep_part(ref)]) + "\n"
-
-# %% ../nbs/09b_report.ipynb #42339df2
-def readme_text(index: dict) -> str:
-    "README.md: the Markdown cells of nbs/index.ipynb"
-    return "\n\n".join("".join(c["source"]) for c in index["cells"] if c["cell_type"] == "markdown") + "\n"
-
-# %% ../nbs/09b_report.ipynb #7c3583b4
-def write_results(root: Path | None = None):
-    "Render the answer into nbs/index.ipynb's '## The answer' cell, rewrite README.md from it, and write RESULTS.md"
-    root = root or project_root()
-    ref = root/"results"/"reference"
-    plot_sweep(ref/"quick_lr_sweep")
-    nb_path = root/"nbs"/"index.ipynb"
-    nb = json.loads(nb_path.read_text())
-    at = next(i for i, c in enumerate(nb["cells"]) if "".join(c["source"]).startswith("## The answer"))
-    nb["cells"][at]["source"] = answer_section(ref).splitlines(True)
-    atomic_write_bytes(nb_path, (json.dumps(nb, indent=1, ensure_ascii=False) + "\n").encode())
-    atomic_write_bytes(root/"README.md", readme_text(nb).encode())
-    atomic_write_bytes(root/"RESULTS.md", results_markdown(ref).encode())

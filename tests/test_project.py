@@ -196,7 +196,8 @@ def test_notebooks_committed_with_outputs(nb):
 
 def test_readme_and_results_md_are_rendered_from_the_reference_json():
     "Every number of the README's answer and of RESULTS.md comes from results/reference (bk report)"
-    from bk_nbdev.report import answer_section, results_markdown
+    from bk_nbdev.report import answer_section
+    from bk_nbdev.results_page import results_markdown
     ref = ROOT / "results" / "reference"
     assert answer_section(ref) in (ROOT / "README.md").read_text(), "README.md's answer differs: run bk report"
     assert results_markdown(ref) == (ROOT / "RESULTS.md").read_text(), "RESULTS.md differs: run bk report"
@@ -204,9 +205,9 @@ def test_readme_and_results_md_are_rendered_from_the_reference_json():
 
 def test_report_loads_no_training_module():
     "Rendering the results stands on the modules that read them, not on the ones that train"
-    code = "import json, sys, bk_nbdev.report; print(json.dumps([m for m in sys.modules if m.startswith('bk_nbdev')]))"
+    code = "import json, sys, bk_nbdev.results_page; print(json.dumps([m for m in sys.modules if m.startswith('bk_nbdev')]))"
     loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout))
-    assert loaded == {"bk_nbdev", "bk_nbdev.report", "bk_nbdev.tables", "bk_nbdev.results", "bk_nbdev.curves",
+    assert loaded == {"bk_nbdev", "bk_nbdev.results_page", "bk_nbdev.report", "bk_nbdev.tables", "bk_nbdev.results", "bk_nbdev.curves",
                       "bk_nbdev.runtime"}, loaded
 
 
