@@ -236,13 +236,13 @@ def whole_gains(ref: Path) -> str:
 # %% ../nbs/09b_report.ipynb #06858e89
 def track_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
     "The track's groups (N × batch, budget, rows), each quick one followed by its seeds study's; a length not measured says so"
-    out, seeded = [], {g[0]: g for g in track_seeded_groups(ref)}
+    out, seeds_at = [], {g[0]: g for g in track_seeded_groups(ref)}
     for budget, (name, lengths) in TRACK_STUDIES.items():
         rows = track_rows(ref/name, budget)
         for N in lengths:
             mine = [r for r in rows if r["N"] == N] or [{"model": "all", "missing": "not measured yet"}]
             out.append((n := f"{N:,} × {TRACK_TOKENS // N}", {"quick": "quick", "whole": "whole split"}[budget], mine))
-            if budget == "quick" and n in seeded: out.append(seeded[n])
+            if budget == "quick" and n in seeds_at: out.append(seeds_at[n])
     return out
 
 # %% ../nbs/09b_report.ipynb #97beb2e0
