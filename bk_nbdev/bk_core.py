@@ -18,9 +18,9 @@ from .bk_triton import triton_forward, triton_backward
 from .runtime import cache_dir
 
 # %% auto #0
-__all__ = ['C_HEADER', 'C_FORWARD', 'C_BACKWARD', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots',
-           'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op', 'bk_core',
-           'memory_profile']
+__all__ = ['C_HEADER', 'C_TILES', 'C_FORWARD', 'C_BACKWARD', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots',
+           'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op',
+           'resolvent_diag_real_op', 'bk_core', 'memory_profile']
 
 # %% ../nbs/01_bk_core.ipynb #b075cb55
 def dense_resolvent_diag(
@@ -63,10 +63,71 @@ C_HEADER = r"""
    position, where the W recurrences advance together in SIMD lanes; groups run on OpenMP threads. b may be NULL:
    every b_i = 1, read from no memory (then pass gb NULL too: no beta gradient is computed). */
 #include <stddef.h>
-#define W 8
+#define W 32
 #define T 128
 #define LANES _Pragma("omp simd") for (int w = 0; w < W; w++)
 #define GROUP_LOOP _Pragma("omp parallel for schedule(static)") for (long r0 = 0; r0 < R; r0 += W)
+"""
+
+# %% ../nbs/01_bk_core.ipynb #acd07ecd
+C_TILES = r"""
+/* Whole float tiles move through registers where the CPU has AVX2: 8 rows x 4 complex numbers (8 registers of
+   interleaved re, im) are one 8 x 8 transpose away from 4 positions x (8 re, 8 im), and back; 8 rows x 8 real numbers
+   are one transpose away from 8 positions x 8 rows. Data movement only. */
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define FAST_TILES 1
+static inline void transpose8(__m256 r[8]) {  /* r[i][j] <- r[j][i] */
+  __m256 t[8], u[8];
+  for (int k = 0; k < 8; k += 2) { t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]); t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]); }
+  for (int k = 0; k < 8; k += 4) {
+    u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44); u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+    u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44); u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; k++) { r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20); r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31); }
+}
+/* tile (t, w) <- rows[w][t] for t < nt (a multiple of 4), complex numbers interleaved in rows */
+static void load_fast(const float *const rows[W], int nt, float re[T][W], float im[T][W]) {
+  for (int wb = 0; wb < W; wb += 8)
+    for (int t = 0; t < nt; t += 4) {
+      __m256 r[8];
+      for (int w = 0; w < 8; w++) r[w] = _mm256_loadu_ps(rows[wb + w] + 2 * t);
+      transpose8(r);
+      for (int j = 0; j < 4; j++) { _mm256_storeu_ps(&re[t + j][wb], r[2 * j]); _mm256_storeu_ps(&im[t + j][wb], r[2 * j + 1]); }
+    }
+}
+/* rows[w][t] <- tile (t, w) for t < nt (a multiple of 4) */
+static void store_fast(float *const rows[W], int nt, float re[T][W], float im[T][W]) {
+  for (int wb = 0; wb < W; wb += 8)
+    for (int t = 0; t < nt; t += 4) {
+      __m256 r[8];
+      for (int j = 0; j < 4; j++) { r[2 * j] = _mm256_loadu_ps(&re[t + j][wb]); r[2 * j + 1] = _mm256_loadu_ps(&im[t + j][wb]); }
+      transpose8(r);
+      for (int w = 0; w < 8; w++) _mm256_storeu_ps(rows[wb + w] + 2 * t, r[w]);
+    }
+}
+/* tile (t, w) <- rows[w][t] and back, for real rows, t < nt (a multiple of 8) */
+static void load_real_fast(const float *const rows[W], int nt, float re[T][W]) {
+  for (int wb = 0; wb < W; wb += 8)
+    for (int t = 0; t < nt; t += 8) {
+      __m256 r[8];
+      for (int w = 0; w < 8; w++) r[w] = _mm256_loadu_ps(rows[wb + w] + t);
+      transpose8(r);
+      for (int j = 0; j < 8; j++) _mm256_storeu_ps(&re[t + j][wb], r[j]);
+    }
+}
+static void store_real_fast(float *const rows[W], int nt, float re[T][W]) {
+  for (int wb = 0; wb < W; wb += 8)
+    for (int t = 0; t < nt; t += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(&re[t + j][wb]);
+      transpose8(r);
+      for (int w = 0; w < 8; w++) _mm256_storeu_ps(rows[wb + w] + t, r[w]);
+    }
+}
+#else
+#define FAST_TILES 0
+#endif
 """
 
 # %% ../nbs/01_bk_core.ipynb #55cbfc4e
@@ -75,12 +136,22 @@ C_FORWARD = r"""
 typedef $F tile_$S[T][W];
 /* tile (t, w) <- src[row r0 + w, position i0 + off + t] of rows of length len. A lane past the last row repeats row
    r0 (valid numbers, never stored); a position outside the row reads 0. src NULL: every entry is fill + 0i. The rows'
-   next tile (dir = +1 or -1 positions) is prefetched: each row is a stream of its own. */
+   next tile (dir = +1 or -1 positions) is prefetched: each row is a stream of its own. Whole float tiles: transposes. */
 static void load_$S(const $F *src, long len, long R, long r0, long i0, long off, int nt, int dir, $F fill,
                     tile_$S re, tile_$S im) {
   long j0 = i0 + off; int lo = j0 < 0 ? -j0 : 0, hi = j0 + nt > len ? len - j0 : nt;
+  if (!src) { for (int k = 0; k < nt * W; k++) { re[0][k] = fill; im[0][k] = 0; } return; }
+#if FAST_TILES
+  if (sizeof($F) == 4 && W % 8 == 0 && nt % 4 == 0 && lo == 0 && hi == nt && r0 + W <= R) {
+    const float *rows[W];
+    for (int w = 0; w < W; w++) {
+      rows[w] = (const float *)(src + 2 * ((r0 + w) * len + j0));
+      for (int t = 0; t < nt; t += 64 / (2 * sizeof($F))) __builtin_prefetch(rows[w] + 2 * (t + dir * T));
+    }
+    load_fast(rows, nt, (float (*)[W])re, (float (*)[W])im); return;
+  }
+#endif
   for (int w = 0; w < W; w++) {
-    if (!src) { for (int t = 0; t < nt; t++) { re[t][w] = fill; im[t][w] = 0; } continue; }
     const $F *row = src + 2 * ((r0 + w < R ? r0 + w : r0) * len + j0);
     for (int t = 0; t < lo; t++) { re[t][w] = 0; im[t][w] = 0; }
     for (int t = lo; t < hi; t++) { re[t][w] = row[2 * t]; im[t][w] = row[2 * t + 1]; }
@@ -92,10 +163,44 @@ static void load_$S(const $F *src, long len, long R, long r0, long i0, long off,
 static void store_$S($F *dst, long len, long R, long r0, long i0, long off, int nt, tile_$S re, tile_$S im) {
   if (!dst) return;
   long j0 = i0 + off; int lo = j0 < 0 ? -j0 : 0, hi = j0 + nt > len ? len - j0 : nt;
+#if FAST_TILES
+  if (sizeof($F) == 4 && W % 8 == 0 && nt % 4 == 0 && lo == 0 && hi == nt && r0 + W <= R) {
+    float *rows[W];
+    for (int w = 0; w < W; w++) rows[w] = (float *)(dst + 2 * ((r0 + w) * len + j0));
+    store_fast(rows, nt, (float (*)[W])re, (float (*)[W])im); return;
+  }
+#endif
   for (int w = 0; w < W && r0 + w < R; w++) {
     $F *row = dst + 2 * ((r0 + w) * len + j0);
     for (int t = lo; t < hi; t++) { row[2 * t] = re[t][w]; row[2 * t + 1] = im[t][w]; }
   }
+}
+/* tile (t, w) <- the diagonal at row r0 + w, position i0 + t: a (complex) or, where a is NULL, (v + h0) - z for a real
+   v (rows of length N) and z one complex number per row (zs = 1) or one for all rows (zs = 0): the same operations,
+   in the same order, as building a in torch. */
+static void load_diag_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, long N, long R, long r0, long i0,
+                         int nt, int dir, tile_$S re, tile_$S im) {
+  if (a) { load_$S(a, N, R, r0, i0, 0, nt, dir, 0, re, im); return; }
+  const $F *rows[W]; $F h = h0, zr[W], zi[W];
+  for (int w = 0; w < W; w++) {
+    long r = r0 + w < R ? r0 + w : r0;
+    rows[w] = v + r * N + i0; zr[w] = z[2 * r * zs]; zi[w] = -z[2 * r * zs + 1];
+    for (int t = 0; t < nt; t += 64 / sizeof($F)) __builtin_prefetch(rows[w] + t + dir * T);
+  }
+#if FAST_TILES
+  if (sizeof($F) == 4 && W % 8 == 0 && nt % 8 == 0 && r0 + W <= R) load_real_fast((const float *const *)rows, nt, (float (*)[W])re); else
+#endif
+  for (int w = 0; w < W; w++) for (int t = 0; t < nt; t++) re[t][w] = rows[w][t];
+  for (int t = 0; t < nt; t++) LANES { re[t][w] = (re[t][w] + h) - zr[w]; im[t][w] = zi[w]; }
+}
+/* dst[row r0 + w, position i0 + t] <- re (t, w), real rows of length N, for the rows that exist */
+static void store_real_$S($F *dst, long N, long R, long r0, long i0, int nt, tile_$S re) {
+  $F *rows[W];
+  for (int w = 0; w < W; w++) rows[w] = dst + (r0 + w < R ? r0 + w : r0) * N + i0;
+#if FAST_TILES
+  if (sizeof($F) == 4 && W % 8 == 0 && nt % 8 == 0 && r0 + W <= R) { store_real_fast((float *const *)rows, nt, (float (*)[W])re); return; }
+#endif
+  for (int w = 0; w < W && r0 + w < R; w++) for (int t = 0; t < nt; t++) rows[w][t] = re[t][w];
 }
 /* g = 1/(x + iy), scaled by the larger component (Smith 1962), so that nothing under- or overflows on the way to a
    representable result. p is the larger component and q the other, chosen by selects rather than a branch, so that
@@ -112,15 +217,16 @@ static inline void pivots_$S(int first, $F *ar, $F *ai, $F *br, $F *bi, $F *gr, 
   else LANES { dr[w] = ar[w] - (br[w] * gr[w] - bi[w] * gi[w]); di[w] = ai[w] - (br[w] * gi[w] + bi[w] * gr[w]); }
   LANES { recip_$S(dr[w], di[w], &gr[w], &gi[w]); outr[w] = gr[w]; outi[w] = gi[w]; }
 }
-/* Causal: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}; out g_i = 1/d_i.
+/* Causal: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}; out g_i = 1/d_i. The diagonal a, or v, h0, z: see load_diag.
    Bidirectional: also e_{N-1} = a_{N-1}, e_i = a_i - b_i/e_{i+1}; out G_i = 1/(d_i + e_i - a_i), left_i = 1/d_i,
    right_i = 1/e_i (G holds d_i between the two passes). */
-void bk_forward_$S(const $F *a, const $F *b, $F *G, $F *left, $F *right, long R, long N, int causal) {
+void bk_forward_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, const $F *b, $F *G, $F *left, $F *right,
+                   long R, long N, int causal) {
   GROUP_LOOP {
     tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0};
     for (long i0 = 0; i0 < N; i0 += T) {
       int nt = N - i0 < T ? N - i0 : T;
-      load_$S(a, N, R, r0, i0, 0, nt, 1, 0, ar, ai); load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
+      load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, 1, ar, ai); load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
       for (int t = 0; t < nt; t++) pivots_$S(i0 + t == 0, ar[t], ai[t], br[t], bi[t], gr, gi, dr[t], di[t], gr_[t], gi_[t]);
       if (causal) { store_$S(G, N, R, r0, i0, 0, nt, gr_, gi_); continue; }
       store_$S(left, N, R, r0, i0, 0, nt, gr_, gi_); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
@@ -128,7 +234,7 @@ void bk_forward_$S(const $F *a, const $F *b, $F *G, $F *left, $F *right, long R,
     if (causal) continue;
     for (long e0 = 0; e0 < N; e0 += T) {  /* tiles from the right end */
       int nt = N - e0 < T ? N - e0 : T; long i0 = N - e0 - nt;
-      load_$S(a, N, R, r0, i0, 0, nt, -1, 0, ar, ai); load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, br, bi);
+      load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, -1, ar, ai); load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, br, bi);
       load_$S(G, N, R, r0, i0, 0, nt, -1, 0, dr, di);
       for (int t = nt - 1; t >= 0; t--) {
         $F er[W], ei[W];
@@ -149,17 +255,19 @@ static inline void mu_$S($F ggr, $F ggi, $F xr, $F xi, $F *mr, $F *mi) {
   $F qr = -(xr * xr - xi * xi), qi = 2 * xr * xi;
   *mr = ggr * qr - ggi * qi; *mi = ggr * qi + ggi * qr;
 }
-/* One adjoint step: lam = mu + k conj(b g^2); the beta gradient is -k conj(g). */
-static inline void adj_$S($F kr, $F ki, $F mr, $F mi, $F pr, $F pi, $F gr, $F gi, $F *lr, $F *li, $F *dbr, $F *dbi) {
+/* One adjoint step: lam = mu + k conj(b g^2) */
+static inline void adj_$S($F kr, $F ki, $F mr, $F mi, $F pr, $F pi, $F gr, $F gi, $F *lr, $F *li) {
   $F g2r = gr * gr - gi * gi, g2i = 2 * gr * gi;
   $F cr = pr * g2r - pi * g2i, ci = -(pr * g2i + pi * g2r);
   *lr = mr + kr * cr - ki * ci; *li = mi + kr * ci + ki * cr;
-  *dbr = -(kr * gr + ki * gi); *dbi = -(ki * gr - kr * gi);
 }
+/* The beta gradient of that step, -k conj(g): computed only where b is given */
+static inline void db_$S($F kr, $F ki, $F gr, $F gi, $F *dbr, $F *dbi) { *dbr = -(kr * gr + ki * gi); *dbi = -(ki * gr - kr * gi); }
 /* Exact backward (PyTorch's convention: grad_x = grad_y * conj(dy/dx) for holomorphic maps).
-   gG: upstream gradient of G. Outputs ga (R,N) and, unless gb is NULL, gb (R,N-1). */
+   gG: upstream gradient of G. Outputs ga (R,N) and, unless gb is NULL, gb (R,N-1). real_ga (causal only): ga holds
+   the real parts alone, real (R,N): the gradient of a real potential v, where a = v + h0 - z. */
 void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, const $F *right,
-                    $F *ga, $F *gb, long R, long N, int causal) {
+                    $F *ga, $F *gb, long R, long N, int causal, int real_ga) {
   GROUP_LOOP {
     tile_$S ggr, ggi, xr, xi, pr, pi, lr_, li_, outr, outi, dbr, dbi; $F kr[W], ki[W], mr[W], mi[W];
     /* left adjoint, right to left: lam_i = mu_i + lam_{i+1} conj(b_i g_i^2), gb_i = -lam_{i+1} conj(g_i) */
@@ -172,11 +280,14 @@ void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, cons
       for (int t = nt - 1; t >= 0; t--) {
         LANES mu_$S(ggr[t][w], ggi[t][w], xr[t][w], xi[t][w], &mr[w], &mi[w]);
         if (i0 + t == N - 1) LANES { kr[w] = mr[w]; ki[w] = mi[w]; }
-        else LANES adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr[t][w], li[t][w], &kr[w], &ki[w],
-                          &dbr[t][w], &dbi[t][w]);
+        else {
+          if (gb) LANES db_$S(kr[w], ki[w], lr[t][w], li[t][w], &dbr[t][w], &dbi[t][w]);
+          LANES adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr[t][w], li[t][w], &kr[w], &ki[w]);
+        }
         LANES { outr[t][w] = kr[w]; outi[t][w] = ki[w]; }
       }
-      store_$S(ga, N, R, r0, i0, 0, nt, outr, outi); store_$S(gb, N - 1, R, r0, i0, 0, nt, dbr, dbi);
+      if (real_ga) store_real_$S(ga, N, R, r0, i0, nt, outr); else store_$S(ga, N, R, r0, i0, 0, nt, outr, outi);
+      store_$S(gb, N - 1, R, r0, i0, 0, nt, dbr, dbi);
     }
     if (causal) continue;
     /* right adjoint, left to right: lam_i = mu_i + lam_{i-1} conj(b_{i-1} h_i^2),
@@ -189,9 +300,9 @@ void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, cons
       for (int t = 0; t < nt; t++) {
         LANES mu_$S(ggr[t][w], ggi[t][w], xr[t][w], xi[t][w], &mr[w], &mi[w]);
         if (i0 + t == 0) { LANES { kr[w] = mr[w]; ki[w] = mi[w]; } continue; }
-        LANES { $F er, ei;
-                adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr_[t][w], li_[t][w], &kr[w], &ki[w], &er, &ei);
-                dbr[t][w] += er; dbi[t][w] += ei; outr[t][w] += kr[w] - mr[w]; outi[t][w] += ki[w] - mi[w]; }
+        if (gb) LANES { $F er, ei; db_$S(kr[w], ki[w], lr_[t][w], li_[t][w], &er, &ei); dbr[t][w] += er; dbi[t][w] += ei; }
+        LANES { adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr_[t][w], li_[t][w], &kr[w], &ki[w]);
+                outr[t][w] += kr[w] - mr[w]; outi[t][w] += ki[w] - mi[w]; }
       }
       store_$S(ga, N, R, r0, i0, 0, nt, outr, outi); store_$S(gb, N - 1, R, r0, i0, -1, nt, dbr, dbi);
     }
@@ -200,7 +311,7 @@ void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, cons
 """
 
 # %% ../nbs/01_bk_core.ipynb #0cd8f08d
-C_SOURCE = C_HEADER + "".join(Template(C_FORWARD + C_BACKWARD).substitute(F=F, S=S) for F, S in (("double", "c128"), ("float", "c64")))
+C_SOURCE = C_HEADER + C_TILES + "".join(Template(C_FORWARD + C_BACKWARD).substitute(F=F, S=S) for F, S in (("double", "c128"), ("float", "c64")))
 
 # %% ../nbs/01_bk_core.ipynb #68c177c6
 def _compiler() -> str | None:
@@ -244,10 +355,10 @@ def _c_library():
         warnings.warn(f"BK-Core: compiled CPU kernel unavailable ({e}); falling back to the torch recurrence, "
                       "which is exact but much slower.")
         return None
-    P, L, I = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    P, L, I, D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
     for sfx in ("c64", "c128"):
-        getattr(lib, f"bk_forward_{sfx}").argtypes = [P, P, P, P, P, L, L, I]
-        getattr(lib, f"bk_backward_{sfx}").argtypes = [P, P, P, P, P, P, P, L, L, I]
+        getattr(lib, f"bk_forward_{sfx}").argtypes = [P, P, D, P, L, P, P, P, P, L, L, I]
+        getattr(lib, f"bk_backward_{sfx}").argtypes = [P, P, P, P, P, P, P, L, L, I, I]
     return lib
 
 # %% ../nbs/01_bk_core.ipynb #d821b849
@@ -266,6 +377,17 @@ def _ones_if_empty(beta: Tensor, like: Tensor) -> Tensor:
     return beta if beta.numel() else like.new_ones(R, N - 1)
 
 # %% ../nbs/01_bk_core.ipynb #c159a4d0
+def _run_forward(lib, alpha, v, h0, z, beta, causal, dtype):
+    "The forward kernel on the diagonal alpha, or (alpha None) on v, h0, z: G and, bidirectional, 1/d and 1/e"
+    R, N = (v if alpha is None else alpha).shape
+    b = beta.contiguous() if beta.numel() else None
+    G = torch.empty(R, N, dtype=dtype)
+    left, right = (torch.empty(0 if causal else (R, N), dtype=dtype) for _ in "lr")  # causal: 1/d is G itself
+    getattr(lib, f"bk_forward_{_sfx(G)}")(_ptr(alpha), _ptr(v), h0, _ptr(z), int(z is not None and z.dim() == 1),
+                                          _ptr(b), _ptr(G), _ptr(left), _ptr(right), R, N, int(causal))
+    return G, left, right
+
+# %% ../nbs/01_bk_core.ipynb #471dead7
 def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
     lib = _c_library()
     if lib is None:  # the fallback: the same recurrences in torch ops
@@ -273,23 +395,44 @@ def _forward_cpu(alpha: Tensor, beta: Tensor, causal: bool):
             d, e = pivots(alpha, _ones_if_empty(beta, alpha), causal)
             if causal: return 1 / d, alpha.new_empty(0), alpha.new_empty(0)
             return 1 / (d + e - alpha), 1 / d, 1 / e
-    alpha, b = alpha.contiguous(), beta.contiguous() if beta.numel() else None
-    R, N = alpha.shape
-    G = torch.empty_like(alpha)
-    left = torch.empty(0, dtype=alpha.dtype) if causal else torch.empty_like(alpha)  # causal: 1/d is G itself
-    right = torch.empty(0, dtype=alpha.dtype) if causal else torch.empty_like(alpha)
-    getattr(lib, f"bk_forward_{_sfx(alpha)}")(_ptr(alpha), _ptr(b), _ptr(G), _ptr(left), _ptr(right), R, N, int(causal))
-    return G, left, right
+    return _run_forward(lib, alpha.contiguous(), None, 0.0, None, beta, causal, alpha.dtype)
+
+# %% ../nbs/01_bk_core.ipynb #74d6a8d6
+def _diagonal(v: Tensor,  # (R, N) real potential
+              h0: float,  # free diagonal
+              z: Tensor,  # complex shift of shape () or (R,), in the core's dtype
+             ) -> Tensor:
+    "α = v + h0 − z, complex (R, N)"
+    z = z[:, None] if z.dim() else z
+    x = v.to(z.real.dtype) + h0
+    if z.requires_grad: return x.to(z.dtype) - z
+    return torch.complex(x - z.real, (-z.imag).expand_as(x))
+
+# %% ../nbs/01_bk_core.ipynb #bb0ff571
+def _forward_cpu_real(v: Tensor, # (R, N) real potential, in z's real precision
+                      h0: float, # free diagonal
+                      z: Tensor, # complex shift, () or (R,)
+                      beta: Tensor, causal: bool):
+    "`_forward_cpu` of α = v + h0 − z, built by the kernel as it reads v"
+    lib = _c_library()
+    if lib is None: return _forward_cpu(_diagonal(v, h0, z), beta, causal)
+    return _run_forward(lib, None, v.contiguous(), h0, z.contiguous(), beta, causal, z.dtype)
 
 # %% ../nbs/01_bk_core.ipynb #514da899
-def _backward_cpu(grad_G, beta, G, left, right, causal):
+def _backward_cpu(grad_G, beta, G, left, right, causal, real=False):
+    "Gradients for alpha — or, `real`, for the real v of α = v + h0 − z: Re ∂α — and for beta"
     lib = _c_library()
-    if lib is None: return _backward_torch(grad_G, beta, G, left, right, causal)
+    if lib is None:
+        ga, gb = _backward_torch(grad_G, beta, G, left, right, causal)
+        return (ga.real.contiguous() if real else ga), gb
     grad_G, b = grad_G.contiguous(), beta.contiguous() if beta.numel() else None
     R, N = G.shape
-    ga, gb = torch.empty_like(G), torch.empty_like(b) if b is not None else None  # b = 1: no gradient for it
+    direct = real and causal  # the causal kernel can write Re ∂α alone; the bidirectional needs ∂α between its passes
+    ga = torch.empty(R, N, dtype=G.real.dtype if direct else G.dtype)
+    gb = torch.empty_like(b) if b is not None else None  # b = 1: no gradient for it
     getattr(lib, f"bk_backward_{_sfx(G)}")(_ptr(grad_G), _ptr(b), _ptr(G), _ptr(left), _ptr(right),
-                                            _ptr(ga), _ptr(gb), R, N, int(causal))
+                                            _ptr(ga), _ptr(gb), R, N, int(causal), int(direct))
+    if real and not direct: ga = ga.real.contiguous()
     return ga, gb if gb is not None else torch.zeros_like(beta)
 
 # %% ../nbs/01_bk_core.ipynb #afecd20f
@@ -327,30 +470,44 @@ def _(alpha, beta, causal):
 # %% ../nbs/01_bk_core.ipynb #69a9ff91
 @torch.library.custom_op("bk_nbdev::resolvent_diag_backward", mutates_args=())
 def resolvent_diag_backward_op(grad_G: Tensor, beta: Tensor, G: Tensor, left: Tensor, right: Tensor,
-                               causal: bool) -> tuple[Tensor, Tensor]:
-    "Gradients for alpha and beta, given the upstream gradient of G"
+                               causal: bool, real: bool) -> tuple[Tensor, Tensor]:
+    "Gradients for alpha (or, `real`, for a real potential: Re ∂α) and beta, given the upstream gradient of G"
     if G.is_cuda:
         ga, gb = triton_backward(grad_G, _ones_if_empty(beta, G), G, left, right, causal)
-        return ga, gb if beta.numel() else torch.zeros_like(beta)
-    return _backward_cpu(grad_G, beta, G, left, right, causal)
+        return (ga.real.contiguous() if real else ga), gb if beta.numel() else torch.zeros_like(beta)
+    return _backward_cpu(grad_G, beta, G, left, right, causal, real)
 @resolvent_diag_backward_op.register_fake
-def _(grad_G, beta, G, left, right, causal): return torch.empty_like(G), torch.empty_like(beta)
+def _(grad_G, beta, G, left, right, causal, real):
+    return G.new_empty(G.shape, dtype=G.real.dtype) if real else torch.empty_like(G), torch.empty_like(beta)
+
+# %% ../nbs/01_bk_core.ipynb #3960d882
+@torch.library.custom_op("bk_nbdev::resolvent_diag_real", mutates_args=())
+def resolvent_diag_real_op(v: Tensor, h0: float, z: Tensor, beta: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    "`resolvent_diag` of α = v + h0 − z: v real (R, N), z complex () or (R,)"
+    if v.is_cuda:
+        alpha = _diagonal(v, h0, z)
+        return triton_forward(alpha, _ones_if_empty(beta, alpha), causal)
+    return _forward_cpu_real(v, h0, z, beta, causal)
+@resolvent_diag_real_op.register_fake
+def _(v, h0, z, beta, causal):
+    G = v.new_empty(v.shape, dtype=z.dtype)
+    return G, *(G.new_empty(0 if causal else v.shape) for _ in "lr")
 
 # %% ../nbs/01_bk_core.ipynb #fad7388a
 def _setup_context(ctx, inputs, output):
-    alpha, beta, causal = inputs
     G, left, right = output
-    ctx.save_for_backward(beta, G, left, right)
-    ctx.causal = causal
+    ctx.save_for_backward(inputs[-2], G, left, right)  # beta, G, the pivots
+    ctx.causal, ctx.real = inputs[-1], not inputs[0].is_complex()  # resolvent_diag_real's first input is the real v
 
 # %% ../nbs/01_bk_core.ipynb #9fb0408e
 def _backward(ctx, grad_G, grad_left, grad_right):
     beta, G, left, right = ctx.saved_tensors
     if grad_G is None: grad_G = torch.zeros_like(G)
-    ga, gb = resolvent_diag_backward_op(grad_G.contiguous(), beta, G, left, right, ctx.causal)
-    return ga, gb, None
+    ga, gb = resolvent_diag_backward_op(grad_G.contiguous(), beta, G, left, right, ctx.causal, ctx.real)
+    return (ga, None, None, gb, None) if ctx.real else (ga, gb, None)  # v, h0, z, beta, causal or alpha, beta, causal
 
 resolvent_diag_op.register_autograd(_backward, setup_context=_setup_context)
+resolvent_diag_real_op.register_autograd(_backward, setup_context=_setup_context)
 
 # %% ../nbs/01_bk_core.ipynb #9af8baef
 def _check_finite(name, t):
@@ -389,16 +546,19 @@ def bk_core(
     if not (z.imag > 0).all():
         raise ValueError(f"bk_core: Im z must be > 0 (the resolvent is then bounded by 1/Im z), got Im z = "
                          f"{z.imag.min().item():g}")
-    alpha = (v.to(rdt) + h0).to(dtype) - (z.to(dtype)[:, None] if z.dim() else z.to(dtype))
-    if b is None: beta = alpha.new_empty(0)  # b = 1, which the kernels do not read
+    z = z.to(dtype)
+    if b is None: beta = z.new_empty(0)  # b = 1, which the kernels do not read
     else:
         if not b.is_floating_point() or b.shape[-1] != N - 1 or b.dim() not in (1, 2) or (b.dim() == 2 and b.shape[0] != R):
             raise ValueError(f"bk_core: b must be a real floating tensor of shape ({N - 1},) or ({R}, {N - 1}), got "
                              f"{b.dtype} {tuple(b.shape)}")
         _check_finite("b", b)
         beta = (b.to(rdt) ** 2).to(dtype).expand(R, N - 1)
-    if not use_analytic_gradient: return resolvent_diag_recurrence(alpha, _ones_if_empty(beta, alpha), causal)
-    return resolvent_diag_op(alpha, beta.contiguous(), causal)[0]
+    if not use_analytic_gradient:
+        alpha = _diagonal(v, h0, z)
+        return resolvent_diag_recurrence(alpha, _ones_if_empty(beta, alpha), causal)
+    if z.requires_grad: return resolvent_diag_op(_diagonal(v, h0, z), beta.contiguous(), causal)[0]
+    return resolvent_diag_real_op(v.to(rdt), h0, z, beta.contiguous(), causal)[0]
 
 # %% ../nbs/01_bk_core.ipynb #7467d795
 def memory_profile(v: Tensor, # (R, N) real potentials
@@ -427,6 +587,11 @@ from torch.utils.flop_counter import register_flop_formula
 def _bk_forward_flops(alpha_shape, beta_shape, causal, *args, out_shape=None, **kwargs) -> int:
     R, N = alpha_shape
     return BK_FLOPS_PER_ELEMENT[causal][0] * R * N
+
+# %% ../nbs/01_bk_core.ipynb #ef9b02c1
+@register_flop_formula(torch.ops.bk_nbdev.resolvent_diag_real)
+def _bk_real_forward_flops(v_shape, h0, z_shape, beta_shape, causal, *args, out_shape=None, **kwargs) -> int:
+    return _bk_forward_flops(v_shape, beta_shape, causal)  # α's two operations per element are not counted, as in torch
 
 # %% ../nbs/01_bk_core.ipynb #c7ff2fac
 @register_flop_formula(torch.ops.bk_nbdev.resolvent_diag_backward)
