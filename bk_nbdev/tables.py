@@ -17,7 +17,8 @@ __all__ = ['TRACK', 'TRACK_TOKENS', 'TRACK_FIGURES', 'md_table', 'sweep_section'
            'chosen_section', 'machine_of', 'study_metadata', 'provenance_line', 'presets_section', 'ratio_words',
            'time_claim', 'artifact_claim', 'claims_rows', 'claims_section', 'reach_line', 'pct', 'ablation_section',
            'exit_section', 'seeds_table', 'difference', 'seeds_section', 'controls_section', 'scaling_section',
-           'crossover_line', 'track_run', 'seconds_to', 'figures_of', 'track_rows', 'figure_cells', 'track_section']
+           'crossover_line', 'track_run', 'seconds_to', 'figures_of', 'track_rows', 'gain_text', 'figure_cells',
+           'track_section']
 
 # %% ../nbs/09a_tables.ipynb #e80594d2
 def md_table(header: list[str], rows: list[list]) -> str:
@@ -296,10 +297,15 @@ def track_rows(study: Path, budget: str, tolerance: float = 0.01) -> list[dict]:
                                else figures_of(r, get(control), target)))
     return rows
 
+# %% ../nbs/09a_tables.ipynb #034c94ba
+def gain_text(g: float) -> str:
+    "A relative gain as a signed percent: whole, or with one decimal where the whole percent would be 0"
+    return f"{g:+.0%}" if abs(g) >= 0.005 else f"{g:+.1%}"
+
 # %% ../nbs/09a_tables.ipynb #ef14a2e9
-TRACK_FIGURES = {"test_ppl": ("test ppl", min, ",.1f"), "gain": ("its mixer's gain", max, "+.0%"),
+TRACK_FIGURES = {"test_ppl": ("test ppl", min, ",.1f"), "gain": ("its mixer's gain", max, gain_text),
                  "to_quality": ("s to the Transformer's quality", min, ",.0f"), "tokens_per_second": ("tokens/s", max, ",.0f"),
-                 "peak_mb": ("peak MB", min, ",.0f")}  # figure -> (column header, which value is best, format)
+                 "peak_mb": ("peak MB", min, ",.0f")}  # figure -> (column header, which value is best, format spec or function)
 
 # %% ../nbs/09a_tables.ipynb #bc274e4e
 def figure_cells(rows: list[dict], bold: bool = False) -> list[list[str]]:
@@ -307,8 +313,8 @@ def figure_cells(rows: list[dict], bold: bool = False) -> list[list[str]]:
     nums = {k: [r[k] for r in rows if isinstance(r.get(k), (int, float))] for k in TRACK_FIGURES}
     best = {k: TRACK_FIGURES[k][1](v) if bold and len(v) > 1 else None for k, v in nums.items()}
     def one(r, k):
-        v = r.get(k)
-        s = r.get("text", {}).get(k) or ("-" if v is None else v if isinstance(v, str) else f"{v:{TRACK_FIGURES[k][2]}}")
+        v, f = r.get(k), TRACK_FIGURES[k][2]
+        s = r.get("text", {}).get(k) or ("-" if v is None else v if isinstance(v, str) else f(v) if callable(f) else f"{v:{f}}")
         return f"**{s}**" if v is not None and v == best[k] else s
     return [[r["missing"]] + [""] * (len(TRACK_FIGURES) - 1) if "missing" in r else [one(r, k) for k in TRACK_FIGURES]
             for r in rows]
