@@ -18,9 +18,9 @@ from .bk_triton import triton_forward, triton_backward
 from .runtime import cache_dir
 
 # %% auto #0
-__all__ = ['C_HEADER', 'C_TILES', 'C_FORWARD', 'C_BACKWARD', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots',
-           'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op',
-           'resolvent_diag_real_op', 'bk_core', 'memory_profile']
+__all__ = ['C_HEADER', 'C_TILES', 'C_COPIES', 'C_FORWARD', 'C_ADJOINT', 'C_BACKWARD', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT',
+           'dense_resolvent_diag', 'pivots', 'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op',
+           'resolvent_diag_backward_op', 'resolvent_diag_real_op', 'bk_core', 'memory_profile']
 
 # %% ../nbs/01_bk_core.ipynb #b075cb55
 def dense_resolvent_diag(
@@ -131,7 +131,7 @@ static void store_real_fast(float *const rows[W], int nt, float re[T][W]) {
 """
 
 # %% ../nbs/01_bk_core.ipynb #55cbfc4e
-C_FORWARD = r"""
+C_COPIES = r"""
 /* One tile: T positions of W rows, laid out position by position (t, w), real and imaginary parts apart. */
 typedef $F tile_$S[T][W];
 /* tile (t, w) <- src[row r0 + w, position i0 + off + t] of rows of length len. A lane past the last row repeats row
@@ -202,6 +202,10 @@ static void store_real_$S($F *dst, long N, long R, long r0, long i0, int nt, til
 #endif
   for (int w = 0; w < W && r0 + w < R; w++) for (int t = 0; t < nt; t++) rows[w][t] = re[t][w];
 }
+"""
+
+# %% ../nbs/01_bk_core.ipynb #d9f38690
+C_FORWARD = r"""
 /* g = 1/(x + iy), scaled by the larger component (Smith 1962), so that nothing under- or overflows on the way to a
    representable result. p is the larger component and q the other, chosen by selects rather than a branch, so that
    the lanes stay together. */
@@ -249,7 +253,7 @@ void bk_forward_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, co
 """
 
 # %% ../nbs/01_bk_core.ipynb #b1c1529b
-C_BACKWARD = r"""
+C_ADJOINT = r"""
 /* mu = gG * conj(-G^2): the adjoint of the pivot sum s_i (or of d_i when causal) */
 static inline void mu_$S($F ggr, $F ggi, $F xr, $F xi, $F *mr, $F *mi) {
   $F qr = -(xr * xr - xi * xi), qi = 2 * xr * xi;
@@ -263,6 +267,10 @@ static inline void adj_$S($F kr, $F ki, $F mr, $F mi, $F pr, $F pi, $F gr, $F gi
 }
 /* The beta gradient of that step, -k conj(g): computed only where b is given */
 static inline void db_$S($F kr, $F ki, $F gr, $F gi, $F *dbr, $F *dbi) { *dbr = -(kr * gr + ki * gi); *dbi = -(ki * gr - kr * gi); }
+"""
+
+# %% ../nbs/01_bk_core.ipynb #76d80fd8
+C_BACKWARD = r"""
 /* Exact backward (PyTorch's convention: grad_x = grad_y * conj(dy/dx) for holomorphic maps).
    gG: upstream gradient of G. Outputs ga (R,N) and, unless gb is NULL, gb (R,N-1). real_ga (causal only): ga holds
    the real parts alone, real (R,N): the gradient of a real potential v, where a = v + h0 - z. */
@@ -311,7 +319,8 @@ void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, cons
 """
 
 # %% ../nbs/01_bk_core.ipynb #0cd8f08d
-C_SOURCE = C_HEADER + C_TILES + "".join(Template(C_FORWARD + C_BACKWARD).substitute(F=F, S=S) for F, S in (("double", "c128"), ("float", "c64")))
+C_SOURCE = C_HEADER + C_TILES + "".join(Template(C_COPIES + C_FORWARD + C_ADJOINT + C_BACKWARD).substitute(F=F, S=S)
+                                        for F, S in (("double", "c128"), ("float", "c64")))
 
 # %% ../nbs/01_bk_core.ipynb #68c177c6
 def _compiler() -> str | None:
@@ -517,6 +526,15 @@ def _check_finite(name, t):
         raise ValueError(f"bk_core: {name} contains non-finite values (inf or NaN); the resolvent is only defined "
                          "for finite input")
 
+# %% ../nbs/01_bk_core.ipynb #9f54b966
+def _beta(b: Tensor, R: int, N: int, dtype: torch.dtype) -> Tensor:
+    "The products b_i² of real off-diagonals b, (N−1,) or (R, N−1), checked, as (R, N−1) of complex `dtype`"
+    if not b.is_floating_point() or b.shape[-1] != N - 1 or b.dim() not in (1, 2) or (b.dim() == 2 and b.shape[0] != R):
+        raise ValueError(f"bk_core: b must be a real floating tensor of shape ({N - 1},) or ({R}, {N - 1}), got "
+                         f"{b.dtype} {tuple(b.shape)}")
+    _check_finite("b", b)
+    return (b.to(torch.float64 if dtype == torch.complex128 else torch.float32) ** 2).to(dtype).expand(R, N - 1)
+
 # %% ../nbs/01_bk_core.ipynb #7de00430
 def bk_core(
     v: Tensor,                      # (R, N) real potential, R = batch * channels
@@ -547,13 +565,7 @@ def bk_core(
         raise ValueError(f"bk_core: Im z must be > 0 (the resolvent is then bounded by 1/Im z), got Im z = "
                          f"{z.imag.min().item():g}")
     z = z.to(dtype)
-    if b is None: beta = z.new_empty(0)  # b = 1, which the kernels do not read
-    else:
-        if not b.is_floating_point() or b.shape[-1] != N - 1 or b.dim() not in (1, 2) or (b.dim() == 2 and b.shape[0] != R):
-            raise ValueError(f"bk_core: b must be a real floating tensor of shape ({N - 1},) or ({R}, {N - 1}), got "
-                             f"{b.dtype} {tuple(b.shape)}")
-        _check_finite("b", b)
-        beta = (b.to(rdt) ** 2).to(dtype).expand(R, N - 1)
+    beta = _beta(b, R, N, dtype) if b is not None else z.new_empty(0)  # none: b = 1, which the kernels do not read
     if not use_analytic_gradient:
         alpha = _diagonal(v, h0, z)
         return resolvent_diag_recurrence(alpha, _ones_if_empty(beta, alpha), causal)
