@@ -111,17 +111,29 @@ def scaling(output_dir: str = "scaling_results", # where scaling.json/.csv/.png 
     print("saved", save_study(study, output_dir))
 
 # %% ../nbs/10_cli.ipynb #b6b4f414
-def step(presets: Annotated[str, "presets whose training step to time", {"nargs": "+"}] = ("transformer", "baseline"),
+def step(presets: Annotated[str, "presets whose training step to time", {"nargs": "+"}] = None,
          variants: Annotated[str, "head and precision variants (05c)", {"nargs": "+"}] = None,
+         ablation: str = None, # or: the base preset of an ablation, whose rows' steps to split into phases (05c)
+         rows: Annotated[str, "ablation rows by their labels in 07's table (default: all)", {"nargs": "+"}] = None,
          repeat: int = 3, # interleaved repeats
          steps: int = 8, # training steps timed per repeat
-        ):
-    "Seconds per training step and peak memory per head and precision. Example: bk step --presets smoke --repeat 2 --steps 2"
+         output_dir: str = "step_results", # where step.csv/.json (or step_phases.csv/.json) go
+         Param: Params = None):
+    "Seconds per training step and peak memory per head and precision, or by phase per ablation row. Example: bk step --presets smoke --repeat 2 --steps 2"
+    from bk_nbdev.comparison import write_table
     from bk_nbdev.head import bf16_is_fast
-    from bk_nbdev.step_benchmark import STEP_VARIANTS, print_step_table, step_benchmark
+    from bk_nbdev.step_benchmark import STEP_VARIANTS, phase_benchmark, print_phase_table, print_step_table, step_benchmark
+    if presets and ablation: raise CliError("give either --presets or --ablation BASE")
+    if (variants and ablation) or (rows and not ablation): raise CliError("--variants goes with --presets, --rows with --ablation")
     if bad := [v for v in variants or [] if v not in STEP_VARIANTS]: raise CliError(f"unknown variants {bad}; valid: {list(STEP_VARIANTS)}")
     print(f"bf16 native: {bf16_is_fast()}")
-    print_step_table(step_benchmark(tuple(presets), tuple(variants or STEP_VARIANTS), repeat, steps))
+    if ablation:
+        table = phase_benchmark(ablation, rows, repeat, steps, **overrides(Param)); print_phase_table(table)
+    else:
+        table = step_benchmark(tuple(presets or ("transformer", "baseline")), tuple(variants or STEP_VARIANTS), repeat, steps,
+                               **overrides(Param))
+        print_step_table(table)
+    write_table(table, Path(output_dir)/("step_phases" if ablation else "step"))
 
 # %% ../nbs/10_cli.ipynb #514bb6c0
 def sizes(*studies: str, # folders of results (each with wikitext2/*_results.json)

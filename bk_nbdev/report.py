@@ -20,7 +20,7 @@ __all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'QUICK_RUNS', '
            'controls_summary', 'seeded', 'mixer_gain', 'controls_bullet', 'mark_unresolved', 'seeded_group',
            'track_seeds', 'track_seeded_groups', 'track_seeds_sentence', 'gain_on_one_kind', 'whole_group',
            'whole_gains', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'main_job_cost',
-           'answer_section']
+           'superseded_line', 'answer_section']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
 RUNS = {"quick": ("resnet_bk_full_quick", "resnet_bk_baseline_quick", "transformer_quick"),  # study -> (full, baseline, Transformer)
@@ -170,31 +170,32 @@ def seeded_group(ref: Path) -> tuple[str, str, list[dict]]:
 # %% ../nbs/09b_report.ipynb #c3ab2115
 TRACK_SEEDS = {"track_quick_seeds": 2048}  # the track's seeds studies (quick budget) -> their length
 
-def track_seeds(ref: Path) -> list[tuple[int, dict[str, dict]]]:
-    "Per seeds study of the track that was run: its length, and each model's seed summary row (model -> row)"
+def track_seeds(ref: Path) -> list[tuple[int, int, dict[str, dict]]]:
+    "Per seeds study of the track that was run: its length, its number of seeds (the fewest of any model), each model's seed summary row"
     out = []
     for name, N in TRACK_SEEDS.items():
         if not (f := ref/name/"seed_summary.json").exists(): continue
         s = {r["run"]: r for r in json.loads(f.read_text())}
-        out.append((N, {m: s[run] for m, (stem, _) in TRACK.items() if (run := track_run(stem, N, "quick")) in s}))
+        rows = {m: s[run] for m, (stem, _) in TRACK.items() if (run := track_run(stem, N, "quick")) in s}
+        out.append((N, min(r["seeds"] for r in rows.values()), rows))
     return out
 
 # %% ../nbs/09b_report.ipynb #b0747f87
 def track_seeded_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
     "The track's seeds studies as groups of the table: each model's mean test ppl ± sd, the lowest marked if not resolved"
     out = []
-    for N, s in track_seeds(ref):
+    for N, n, s in track_seeds(ref):
         rows = [{"model": m, "test_ppl": r["test_ppl"], "text": {"test_ppl": seeded(r)}} for m, r in s.items()]
-        out.append((f"{N:,} × {TRACK_TOKENS // N}", f"quick, {min(r['seeds'] for r in s.values())} seeds", mark_unresolved(rows, s)))
+        out.append((f"{N:,} × {TRACK_TOKENS // N}", f"quick, {n} seeds", mark_unresolved(rows, s)))
     return out
 
 # %% ../nbs/09b_report.ipynb #608704fc
 def track_seeds_sentence(ref: Path) -> str:
     "The track's seeds studies in words: each model's mean test ppl ± sd, and whether the lowest is ahead beyond the spread"
     said = []
-    for N, s in track_seeds(ref):
+    for N, n, s in track_seeds(ref):
         (lo, a), (runner, b) = sorted(s.items(), key=lambda kv: kv[1]["test_ppl"])[:2]
-        said.append(f" Over {min(r['seeds'] for r in s.values())} seeds at N = {N:,} (quick budget): " +
+        said.append(f" Over {n} seeds at N = {N:,} (quick budget): " +
                     ", ".join(f"{m} {seeded(r)}" for m, r in s.items()) +
                     f"; {lo} ahead of {runner} {'beyond' if resolved(b, a)[2] else 'within'} the seeds' spread.")
     return "".join(said)
@@ -294,6 +295,15 @@ def main_job_cost(ref: Path) -> str:
             f"{machine_of(meta)}, {meta['threads']} threads): {sum(took.values()) / 3600:.2f} h — " +
             ", ".join(f"{label} {took[label]:,.0f} s ({r['training_time']:,.0f} s of it training)" for label, r in runs.items()) + ".")
 
+# %% ../nbs/09b_report.ipynb #6dcaf9d5
+def superseded_line(ref: Path) -> str:
+    "The published runs of an earlier design of their preset (provenance's `superseded`: run -> what changed), or ''"
+    said = {}
+    for p in sorted(ref.glob("*/provenance.json")):
+        for run, what in json.loads(p.read_text()).get("superseded", {}).items():
+            said.setdefault(what, []).append(f"`{run}` ({p.parent.name})")
+    return " ".join(f"**Rerun pending:** {', '.join(runs)} {what}." for what, runs in said.items())
+
 # %% ../nbs/09b_report.ipynb #d8d9da9b
 def answer_section(ref: Path) -> str:
     "The README's '## The answer': the sentences, where ResNet-BK wins, the claims, the main job's cost, the curves"
@@ -301,7 +311,7 @@ def answer_section(ref: Path) -> str:
                scaling_bullet(ref) + track_seeds_sentence(ref),
                claims_bullet(ref)]
     curves = f"results/reference/{(ref/'whole').name}/wikitext2/training_curves.png"
-    return "\n\n".join(["## The answer", "\n".join(f"- {b}" for b in bullets),
+    return "\n\n".join(["## The answer", "\n".join(f"- {b}" for b in bullets), *filter(None, [superseded_line(ref)]),
                          "**Where ResNet-BK wins** (N × batch: sequence length and batch size; a mixer's gain: how much worse "
                          "its model does without it; s to the Transformer's quality: training seconds to the Transformer's "
                          "final validation perplexity in the same group; bold: the best of its group):",

@@ -6,7 +6,7 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/results_page.html.md"""
 
 # %% ../nbs/09c_results_page.ipynb #0668138f
 from __future__ import annotations
-import json
+import json, re
 from pathlib import Path
 
 from .report import (
@@ -16,11 +16,12 @@ from .runtime import atomic_write_bytes
 from .tables import (
     TRACK_TOKENS, ablation_section, chosen_section, claims_section, controls_section, crossover_line, exit_section,
     machine_of, md_table, models_section, presets_section, provenance_line, reach_line, scaling_section, seeds_section,
-    sweep_section, track_run, track_section, trials_section)
+    seeds_table, sweep_section, track_run, track_section, trials_section)
 
 # %% auto #0
-__all__ = ['DESIGNS', 'plot_sweep', 'budget_part', 'ablation_part', 'scaling_part', 'whole_controls_section', 'controls_part',
-           'winner_line', 'design_part', 'track_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+__all__ = ['EXIT_SAMPLE_RUNS', 'DESIGNS', 'plot_sweep', 'budget_part', 'mean_training_time', 'exit_sample_line', 'ablation_part',
+           'scaling_part', 'whole_controls_section', 'controls_part', 'winner_line', 'design_part', 'track_part',
+           'sweep_part', 'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/09c_results_page.ipynb #d1c61927
 def plot_sweep(study: Path) -> Path:
@@ -49,6 +50,27 @@ def budget_part(study: Path, title: str) -> list[str]:
             "**The original's claims** for `full` against the Transformer (what each optimization does on the axis of its "
             "own claim is in the ablation below):", claims_section(study, full, tr), provenance_line(study)]
 
+# %% ../nbs/09c_results_page.ipynb #581e0c30
+EXIT_SAMPLE_RUNS = ("full_quick_exits_all", "full_quick_exits_8th", "transformer_quick")  # every position, an eighth, the clock
+
+def mean_training_time(study: Path, run: str) -> float:
+    "Mean training seconds of the seeds of `run` (a preset) in a seeds study"
+    ts = [r["training_time"] for r in load_runs(study) if re.sub(r"_seed\d+$", "", r["model_name"]).endswith(run)]
+    return sum(ts) / len(ts)
+
+def exit_sample_line(study: Path) -> str:
+    "The choice of full's exit_sample from a seeds study of `EXIT_SAMPLE_RUNS`, by the rule above"
+    s = {r["run"]: r for r in json.loads((study/"seed_summary.json").read_text())}
+    every, eighth, tr = (s[n] for n in EXIT_SAMPLE_RUNS)
+    dv, bv, worse = resolved(eighth, every, "val_ppl")
+    dt, bt, faster = resolved(eighth, every, "seconds_per_step")
+    adopt = not (worse and dv > 0) and faster and dt < 0
+    x = lambda run: mean_training_time(study, run) / mean_training_time(study, EXIT_SAMPLE_RUNS[2])
+    return (f"An eighth against every position: validation perplexity {dv:+,.1f} (2σ of a difference: {bv:,.1f}), "
+            f"{dt:+.3f} s/step ({bt:.3f}); training time {x(EXIT_SAMPLE_RUNS[0]):.2f}× the Transformer's with every "
+            f"position, {x(EXIT_SAMPLE_RUNS[1]):.2f}× with an eighth (means over the seeds). By the rule, "
+            f"{'`full` takes an eighth' if adopt else '`full` keeps every position'}.")
+
 # %% ../nbs/09c_results_page.ipynb #db7e8cf7
 def ablation_part(ref: Path) -> list[str]:
     "07's ablation with early exit's inference curve, the seeds study of the presets and that of the ablation's rows"
@@ -60,7 +82,12 @@ def ablation_part(ref: Path) -> list[str]:
             seeds_section(ref/"seeds", "transformer_quick"), provenance_line(ref/"seeds"),
             "**Seeds of the ablation.** Every row within 5% of the base's test perplexity, from three seeds, interleaved (07b); "
             "a difference from the base is resolved when it is larger than two standard deviations of a difference:",
-            seeds_section(ref/"ablation_seeds", "base"), provenance_line(ref/"ablation_seeds")]
+            seeds_section(ref/"ablation_seeds", "base"), provenance_line(ref/"ablation_seeds"),
+            "**`full`'s exits: every position or an eighth.** Early exit trains three extra heads per step; an eighth of "
+            "the positions against all of them, over three seeds interleaved with the Transformer (07b), decided by a rule "
+            "fixed before the runs: an eighth, if its validation perplexity is not worse beyond the seeds' spread and its "
+            "time per step is lower beyond it:", seeds_table(json.loads((ref/"exit_sample_seeds"/"seed_summary.json").read_text())),
+            exit_sample_line(ref/"exit_sample_seeds"), provenance_line(ref/"exit_sample_seeds")]
 
 # %% ../nbs/09c_results_page.ipynb #85c544be
 def scaling_part(ref: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""The plumbing every module shares — cache directory, atomic writes, peak memory, fresh processes, devices and data-parallel ranks — in one module that imports nothing else from the package.
+"""The plumbing every module shares — cache directory, atomic writes, peak memory, fresh processes, timing, devices and data-parallel ranks — in one module that imports nothing else from the package.
 
 Docs: https://bk-nbdev.github.io/bk_nbdev/runtime.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/runtime.html.md"""
 
 # %% ../nbs/00a_runtime.ipynb #57139f8d
 from __future__ import annotations
-import datetime, io, os, tempfile, warnings
+import datetime, io, os, tempfile, time, warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +15,8 @@ import torch.nn as nn
 
 # %% auto #0
 __all__ = ['CACHE_ENV_VAR', 'cache_dir', 'atomic_write_bytes', 'state_bytes', 'model_size_mb', 'peak_memory', 'reset_peak_memory',
-           'in_fresh_process', 'is_allocation_failure', 'dist_info', 'init_distributed', 'all_sum', 'resolve_device']
+           'in_fresh_process', 'is_allocation_failure', 'best_time', 'dist_info', 'init_distributed', 'all_sum',
+           'resolve_device']
 
 # %% ../nbs/00a_runtime.ipynb #4195fb06
 CACHE_ENV_VAR = "BK_NBDEV_CACHE"
@@ -80,6 +81,15 @@ def is_allocation_failure(e: BaseException) -> bool:
     "Whether `e` is a failure to allocate memory (and not some other error)"
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)): return True
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
+
+# %% ../nbs/00a_runtime.ipynb #d1450397
+def best_time(fn, repeat: int = 3, warmup: bool = True) -> float:
+    "Fewest wall-clock seconds of `fn()` over `repeat` calls (after one untimed call, if `warmup`)"
+    if warmup: fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
+    return min(ts)
 
 # %% ../nbs/00a_runtime.ipynb #55463f84
 def dist_info() -> tuple[int, int]:

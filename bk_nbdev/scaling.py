@@ -6,7 +6,7 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/scaling.html.md"""
 
 # %% ../nbs/08_scaling.ipynb #4a7d33e9
 from __future__ import annotations
-import json, math, time
+import json, math
 from pathlib import Path
 
 import torch
@@ -14,11 +14,12 @@ import torch.nn as nn
 
 from .flops import FLOPsCounter
 from .config import BenchmarkConfig
-from .runtime import atomic_write_bytes, in_fresh_process, is_allocation_failure, peak_memory, reset_peak_memory
+from .runtime import (atomic_write_bytes, best_time, in_fresh_process, is_allocation_failure, peak_memory,
+                              reset_peak_memory)
 
 # %% auto #0
-__all__ = ['PARTS', 'MODELS', 'build', 'best_time', 'peak_rss_child', 'measure', 'fit_slope', 'crossover', 'scaling_study',
-           'plot_scaling', 'save_study']
+__all__ = ['PARTS', 'MODELS', 'build', 'peak_rss_child', 'measure', 'fit_slope', 'crossover', 'scaling_study', 'plot_scaling',
+           'save_study']
 
 # %% ../nbs/08_scaling.ipynb #8c2748a2
 def build(model_type: str, N: int, d_model: int = 64, n_layers: int = 4, vocab_size: int = 33_278) -> nn.Module:
@@ -44,13 +45,6 @@ def _runner(model, part: str, B: int, N: int):
         y = fns[part]()
         if backward: (y if y.dim() == 0 else y.float().pow(2).mean()).backward()
     return run
-
-# %% ../nbs/08_scaling.ipynb #f5342f92
-def best_time(fn, repeat: int = 2) -> float:
-    fn(); ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-    return min(ts)
 
 # %% ../nbs/08_scaling.ipynb #ac4b0ce7
 def peak_rss_child(model_type: str, part: str, N: int, B: int, model_kw: dict,

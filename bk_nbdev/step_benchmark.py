@@ -6,31 +6,42 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/step_benchmark.html.md"""
 
 # %% ../nbs/05c_step_benchmark.ipynb #c4cd2eff
 from __future__ import annotations
-import dataclasses, statistics
+import dataclasses, statistics, time
+from contextlib import contextmanager
+from itertools import islice
+
+import torch
+import torch.nn as nn
 
 from .config import BenchmarkConfig, load_preset
 from .data import Corpus, load_corpus
 from .runtime import in_fresh_process
 from .trainer import train
+from .training import (TrainRun, epoch_batches, prune_for_step, start_run, step_backward, step_forward,
+                               step_update)
+from .training_flags import epoch_lengths
 
 # %% auto #0
-__all__ = ['STEP_VARIANTS', 'variant_config', 'step_run', 'step_benchmark', 'print_step_table']
+__all__ = ['STEP_VARIANTS', 'PHASES', 'variant_config', 'step_run', 'step_benchmark', 'print_step_table', 'head_clock',
+           'timed_step', 'phase_run', 'phase_benchmark', 'print_phase_table']
 
 # %% ../nbs/05c_step_benchmark.ipynb #5bb81a4e
 STEP_VARIANTS = {"unfused fp32": ("unfused", False), "fused fp32": ("fused", False), "fused mixed": ("fused", True)}
 
 # %% ../nbs/05c_step_benchmark.ipynb #f7a5db08
-def variant_config(preset: str, variant: str, steps: int) -> BenchmarkConfig:
-    "Preset `preset` with `variant`'s head and precision, for one epoch of `steps` steps"
+def variant_config(preset: str, variant: str, steps: int, **overrides) -> BenchmarkConfig:
+    "Preset `preset` (with `overrides`) with `variant`'s head and precision, for one epoch of `steps` steps"
     if variant not in STEP_VARIANTS: raise ValueError(f"variant {variant!r} is unknown; valid: {', '.join(STEP_VARIANTS)}")
     head, mixed = STEP_VARIANTS[variant]
-    cfg = load_preset(preset, lm_head=head, use_mixed_precision=mixed, epochs=1, warmup_steps=1)
+    if set_here := {"lm_head", "use_mixed_precision", "epochs", "warmup_steps", "max_train_tokens"} & set(overrides):
+        raise ValueError(f"{sorted(set_here)} are set by the variant and `steps`, not by overrides")
+    cfg = load_preset(preset, **{**overrides, "lm_head": head, "use_mixed_precision": mixed, "epochs": 1, "warmup_steps": 1})
     return dataclasses.replace(cfg, max_train_tokens=steps * cfg.batch_size * cfg.n_seq)
 
 # %% ../nbs/05c_step_benchmark.ipynb #dfe7bc7b
-def step_run(preset: str, variant: str, steps: int = 8) -> dict:
+def step_run(preset: str, variant: str, steps: int = 8, overrides: dict | None = None) -> dict:
     "Seconds per step (after the timing warm-up) and peak memory (MB) of `steps` training steps, in this process"
-    cfg = variant_config(preset, variant, steps)
+    cfg = variant_config(preset, variant, steps, **(overrides or {}))
     full = load_corpus(cfg.dataset, cfg.data_dir or None)
     one_batch = cfg.eval_batch_size * cfg.n_seq + 1
     corpus = Corpus(full.train, full.validation[:one_batch], full.test[:one_batch], full.vocab, full.name)
@@ -40,11 +51,11 @@ def step_run(preset: str, variant: str, steps: int = 8) -> dict:
 
 # %% ../nbs/05c_step_benchmark.ipynb #eb7c67e2
 def step_benchmark(presets: tuple = ("transformer", "baseline"), variants: tuple = tuple(STEP_VARIANTS),
-                   repeat: int = 3, steps: int = 8) -> list[dict]:
-    "Median seconds per step and peak memory of each preset and variant, runs interleaved, one process each"
+                   repeat: int = 3, steps: int = 8, **overrides) -> list[dict]:
+    "Median seconds per step and peak memory of each preset (with `overrides`) and variant, runs interleaved, one process each"
     runs = {(p, v): [] for p in presets for v in variants}
     for _ in range(repeat):
-        for p, v in runs: runs[p, v].append(in_fresh_process("bk_nbdev.step_benchmark.step_run", p, v, steps))
+        for p, v in runs: runs[p, v].append(in_fresh_process("bk_nbdev.step_benchmark.step_run", p, v, steps, overrides))
     rows = []
     for (p, v), rs in runs.items():
         t = [r["seconds_per_step"] for r in rs]
@@ -61,3 +72,71 @@ def print_step_table(rows: list[dict]):
     for r in rows:
         print(f"{r['preset']:12} {r['variant']:14} {r['seconds_per_step']:7.3f} ({r['min']:.3f}-{r['max']:.3f}) "
               f"{r['speedup']:7.2f}x {r['peak_mb']:8.0f}")
+
+# %% ../nbs/05c_step_benchmark.ipynb #687b9a09
+@contextmanager
+def head_clock(model: nn.Module):
+    "A list that collects the seconds of every call of `model.head` while the block runs"
+    seconds, starts = [], []
+    pre = model.head.register_forward_pre_hook(lambda m, a: starts.append(time.perf_counter()))
+    post = model.head.register_forward_hook(lambda m, a, o: seconds.append(time.perf_counter() - starts.pop()))
+    try: yield seconds
+    finally: pre.remove(); post.remove()
+
+# %% ../nbs/05c_step_benchmark.ipynb #42dc0500
+PHASES = ("forward", "head", "backward", "update", "flag")
+
+def timed_step(run: TrainRun, x: torch.Tensor, y: torch.Tensor) -> dict:
+    "Seconds of each phase of one training step on (x, y) (flag: pruning's masks only)"
+    t = [time.perf_counter()]
+    prune_for_step(run); t.append(time.perf_counter())
+    with head_clock(run.model) as head: loss, _ = step_forward(run, x, y)
+    t.append(time.perf_counter())
+    step_backward(run, loss); t.append(time.perf_counter())
+    step_update(run); run.step += 1; t.append(time.perf_counter())
+    fwd, bwd, upd = (b - a for a, b in zip(t[1:], t[2:]))
+    return {"forward": fwd - sum(head), "head": sum(head), "backward": bwd, "update": upd, "flag": t[1] - t[0]}
+
+# %% ../nbs/05c_step_benchmark.ipynb #293f41f7
+def phase_run(cfg: dict, steps: int = 4, warmup: int = 2) -> dict:
+    "Median seconds of each phase over `steps` full-length training steps of config `cfg` (a dict), in this process"
+    c = BenchmarkConfig(**cfg)
+    corpus = load_corpus(c.dataset, c.data_dir or None)
+    run = start_run(c.build_model(len(corpus.vocab)), corpus, c.train_config(), torch.device("cpu"))
+    lengths = epoch_lengths(0, run.total_steps, c.n_seq, run.budget, run.cfg.curriculum)
+    t = time.perf_counter()
+    batches, _ = epoch_batches(run, [c.n_seq] * len(lengths))  # active learning scores every window here
+    scoring = (time.perf_counter() - t) / len(lengths)
+    timed = [timed_step(run, x, y) for x, y in islice(batches, warmup + steps)][warmup:]
+    out = {p: statistics.median(s[p] for s in timed) for p in PHASES}
+    out["flag"] += scoring
+    return {**out, "total": sum(out.values()), "step_length": sum(lengths) / len(lengths) / c.n_seq}
+
+# %% ../nbs/05c_step_benchmark.ipynb #033b06ef
+def phase_benchmark(base: str, rows: list | None = None, repeat: int = 3, steps: int = 4, **overrides) -> list[dict]:
+    "Each ablation row of preset `base` (all, or the labels `rows`) by phase: runs interleaved, one process each"
+    from bk_nbdev.comparison import ablation_configs
+    configs = ablation_configs(base, **overrides)
+    if bad := [r for r in rows or [] if r not in configs]: raise ValueError(f"unknown rows {bad}; valid: {list(configs)}")
+    labels = ["base", *[r for r in rows if r != "base"]] if rows else list(configs)
+    runs = {l: [] for l in labels}
+    for _ in range(repeat):
+        for l in labels: runs[l].append(in_fresh_process("bk_nbdev.step_benchmark.phase_run", dataclasses.asdict(configs[l]), steps))
+    out = []
+    for l, rs in runs.items():
+        med = {p: statistics.median(r[p] for r in rs) for p in PHASES}
+        out.append({"row": l, **med, "total": sum(med.values()), "min": min(r["total"] for r in rs),
+                    "max": max(r["total"] for r in rs), "step_length": rs[0]["step_length"], "repeat": repeat})
+    for r in out: r["overhead"] = r["total"] / out[0]["total"] - 1
+    return out
+
+# %% ../nbs/05c_step_benchmark.ipynb #307db95c
+def print_phase_table(rows: list[dict]):
+    "The table of `phase_benchmark`'s rows: milliseconds per phase, the total and its range, the overhead over the base"
+    print(f"{'row':24} {'forward':>8} {'head':>7} {'backward':>8} {'update':>7} {'flag':>7} {'total':>7} {'(min-max)':>11} "
+          f"{'overhead':>8} {'length':>6}")
+    ms = lambda s: f"{1000 * s:.0f}"
+    for r in rows:
+        span = f"({ms(r['min'])}-{ms(r['max'])})"
+        print(f"{r['row']:24} {ms(r['forward']):>8} {ms(r['head']):>7} {ms(r['backward']):>8} {ms(r['update']):>7} "
+              f"{ms(r['flag']):>7} {ms(r['total']):>7} {span:>11} {r['overhead']:+8.0%} {r['step_length']:6.2f}")

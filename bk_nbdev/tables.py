@@ -85,7 +85,7 @@ def study_metadata(study: Path) -> list[dict]:
 
 # %% ../nbs/09a_tables.ipynb #6e6628eb
 def provenance_line(study: Path) -> str:
-    "A study's provenance: command, commits, machines, threads, torch, seeds and dates of its runs, what shared the CPU, its note"
+    "A study's provenance: command, commits, machines, threads, torch, seeds and dates of its runs, what shared the CPU, its note, its runs of an earlier design"
     metas, note = study_metadata(study), json.loads((study/"provenance.json").read_text())
     machines = "; ".join(dict.fromkeys(machine_of(m) for m in metas))
     commits, seeds = sorted({m["git_commit"][:7] for m in metas}), sorted({m["seed"] for m in metas})
@@ -93,7 +93,8 @@ def provenance_line(study: Path) -> str:
     when = f" Run {days[0]}" + (f" to {days[-1]}" if len(days) > 1 else "") + "." if days else ""
     return (f"Command: `{note['command']}`. Commit {', '.join(commits)}; {machines}, "
             f"{metas[0]['threads']} threads, torch {metas[0]['torch']}, seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}."
-            f"{when} Sharing the CPU: {note['shared_cpu']}. {note['note']}")
+            f"{when} Sharing the CPU: {note['shared_cpu']}. {note['note']}" +
+            "".join(f" Rerun pending: `{r}` {what}." for r, what in note.get("superseded", {}).items()))
 
 # %% ../nbs/09a_tables.ipynb #39f15459
 def presets_section(study: Path) -> str:

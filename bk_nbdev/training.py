@@ -29,8 +29,9 @@ from .training_flags import autocast, epoch_lengths, keep_windows, precision, ru
 
 # %% auto #0
 __all__ = ['TRAIN_FLAGS', 'OBSERVE_FIELDS', 'TrainConfig', 'train_streams', 'warmup_cosine', 'TrainResult', 'TrainRun',
-           'start_run', 'save_checkpoint', 'load_checkpoint', 'train_step', 'validate_subset', 'active_plan',
-           'epoch_batches', 'train_epoch', 'end_epoch']
+           'start_run', 'save_checkpoint', 'load_checkpoint', 'step_forward', 'step_backward', 'step_update',
+           'train_step', 'prune_for_step', 'validate_subset', 'active_plan', 'epoch_batches', 'train_epoch',
+           'end_epoch']
 
 # %% ../nbs/05_training.ipynb #55e9efdb
 def _finite_at_least(cfg, **lows):
@@ -253,21 +254,43 @@ def load_checkpoint(run: TrainRun, path: Path):
     torch.set_rng_state(c["rng"][rank]["torch"]); random.setstate(c["rng"][rank]["python"])
 
 # %% ../nbs/05_training.ipynb #25c70543
-def train_step(run: TrainRun, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    "Forward, backward, clip and optimizer step on (x, y); returns the loss and its terms"
+def step_forward(run: TrainRun, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    "The loss on (x, y) and its terms, under the run's precision; a non-finite term stops the run"
     with autocast(run.device, run.amp_dtype):
         loss, parts = run.step_loss(x, y)
     _check_finite_loss(parts, run.epoch, run.step)
+    return loss, parts
+
+# %% ../nbs/05_training.ipynb #e0b31017
+def step_backward(run: TrainRun, loss: torch.Tensor):
+    "Fresh gradients of `loss` (scaled and unscaled under float16; else checked finite)"
     run.opt.zero_grad(set_to_none=True)
     if run.scaler: run.scaler.scale(loss).backward(); run.scaler.unscale_(run.opt)
     else: loss.backward(); _check_finite_grads(run.model, run.epoch, run.step)
+
+# %% ../nbs/05_training.ipynb #5fc78fc7
+def step_update(run: TrainRun):
+    "Clip each clip group's gradients, step the optimizer (through the scaler under float16) and the schedule"
     if run.cfg.grad_clip:  # each clip group on its own (04: probes apart from the model)
         for group in (run.model.clip_groups() if hasattr(run.model, "clip_groups") else [list(run.model.parameters())]):
             nn.utils.clip_grad_norm_(group, run.cfg.grad_clip)
     if run.scaler: run.scaler.step(run.opt); run.scaler.update()
     else: run.opt.step()
     run.sched.step()
+
+# %% ../nbs/05_training.ipynb #f57dcea0
+def train_step(run: TrainRun, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    "Forward, backward, clip and optimizer step on (x, y); returns the loss and its terms"
+    loss, parts = step_forward(run, x, y)
+    step_backward(run, loss)
+    step_update(run)
     return loss, parts
+
+# %% ../nbs/05_training.ipynb #b1d9f1ad
+def prune_for_step(run: TrainRun):
+    "Pruning's masks at the run's step (its schedule's fraction); nothing when pruning is off"
+    cfg = run.cfg
+    if cfg.use_pruning: prune_to(run.model, pruning_schedule(run.step, run.total_steps, cfg.epochs, cfg.prune_target))
 
 # %% ../nbs/05_training.ipynb #cf39284e
 def _position(run: TrainRun, tokens: int = 0, flops: int = 0, seconds: float = 0.0) -> dict:
@@ -320,7 +343,7 @@ def train_epoch(run: TrainRun, progress: bool = True) -> dict:
     s["flops"] += scoring * world
     for i, (x, y) in enumerate(batches, 1):
         t0 = time.perf_counter()
-        if cfg.use_pruning: prune_to(run.model, pruning_schedule(run.step, run.total_steps, cfg.epochs, cfg.prune_target))
+        prune_for_step(run)
         f = run.flops_of(x, y)  # counting forks the RNG: the run's random stream is untouched
         loss, parts = train_step(run, x, y)
         if run.device.type == "cuda": torch.cuda.synchronize(run.device)
