@@ -230,7 +230,7 @@ class PhysicsInformed(Extension):
         return x_new
     def finish(self, x, aux, stats):
         aux["physics"] = self.cfg.physics_weight * self.loss_sum / self.cfg.n_layers
-        stats["energy_drift"] = float(self.drift_sum / self.cfg.n_layers)
+        stats["energy_drift"] = (self.drift_sum / self.cfg.n_layers).detach()
         return x
 
 # %% ../nbs/04_architecture.ipynb #b96abfbf
@@ -264,7 +264,7 @@ def after_layer(self: ACT, l: int, x: Tensor, x_new: Tensor) -> Tensor:
 @patch
 def finish(self: ACT, x: Tensor, aux: dict, stats: dict) -> Tensor:
     aux["ponder"] = self.cfg.ponder_weight * (self.n_upd + self.remainder).mean()
-    stats["executed_depth"] = float(self.n_upd.mean())
+    stats["executed_depth"] = self.n_upd.mean().detach()
     return self.out
 
 # %% ../nbs/04_architecture.ipynb #70071775
@@ -302,7 +302,7 @@ class SparseBK(Extension):
         return v * (hard + s - s.detach() if self.training else hard)
     def finish(self, x, aux, stats):
         aux["sparsity"] = self.cfg.sparsity_weight * self.loss_sum / self.cfg.n_layers
-        stats["bk_sparsity"] = float(self.masked_sum / self.cfg.n_layers)
+        stats["bk_sparsity"] = (self.masked_sum / self.cfg.n_layers).detach()
         return x
 
 # %% ../nbs/04_architecture.ipynb #6f619570
@@ -321,7 +321,7 @@ class EarlyExit(Extension):
     def probes(self): return list(self.decide.parameters())
     def finish(self, x, aux, stats):  # when exiting: the mean exit layer, the share of tokens that left early
         if self.threshold is not None:
-            stats.update(exit_layer=float(self.exit_layer.float().mean()), exited_early=float(self.done.float().mean()))
+            stats.update(exit_layer=self.exit_layer.float().mean(), exited_early=self.done.float().mean())
         return x
 
 # %% ../nbs/04_architecture.ipynb #feedcc6a

@@ -112,7 +112,7 @@ def scaling(output_dir: str = "scaling_results", # where scaling.json/.csv/.png 
 
 # %% ../nbs/10_cli.ipynb #b6b4f414
 def step(presets: Annotated[str, "presets whose training step to time", {"nargs": "+"}] = None,
-         variants: Annotated[str, "head and precision variants (05c)", {"nargs": "+"}] = None,
+         variants: Annotated[str, "head, precision and compilation variants (05c)", {"nargs": "+"}] = None,
          ablation: str = None, # or: the base preset of an ablation, whose rows' steps to split into phases (05c)
          rows: Annotated[str, "ablation rows by their labels in 07's table (default: all)", {"nargs": "+"}] = None,
          repeat: int = 3, # interleaved repeats

@@ -74,12 +74,19 @@ def fused_linear_ce(
         if bias is not None: gb.add_(zs.sum(0))
     return nll, gh, gW, gb
 
+# %% ../nbs/02a_head.ipynb #ae30367d
+def _check_targets(y: Tensor, V: int, ignore_index: int):
+    if y.dtype != torch.long: raise ValueError(f"targets must be int64 token ids, got {y.dtype}")
+    bad = y[(y != ignore_index) & ((y < 0) | (y >= V))]
+    if len(bad): raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}, got {bad[:5].tolist()}")
+
 # %% ../nbs/02a_head.ipynb #9200378b
 @torch.library.custom_op("bk_nbdev::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy_op(h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, ignore_index: int,
                             chunk_size: int, low_precision: bool, with_grad: bool
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     "(nll, dsum/dh, dsum/dW, dsum/db) of the fused head; the gradients are empty without `with_grad`"
+    _check_targets(targets, weight.shape[0], ignore_index)
     return fused_linear_ce(h, weight, bias, targets, ignore_index, chunk_size, low_precision, with_grad)
 
 # %% ../nbs/02a_head.ipynb #a5f3288c
@@ -90,13 +97,17 @@ def _(h, weight, bias, targets, ignore_index, chunk_size, low_precision, with_gr
 
 # %% ../nbs/02a_head.ipynb #0cdd3413
 @torch.library.custom_op("bk_nbdev::linear_cross_entropy_backward", mutates_args=())
-def linear_cross_entropy_backward_op(scale: Tensor, gh: Tensor, gW: Tensor, gb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    "The stored gradients times the common weight `scale` of every token's loss"
-    return gh * scale, gW * scale, gb * scale
+def linear_cross_entropy_backward_op(grad_nll: Tensor, gh: Tensor, gW: Tensor, gb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    "The stored gradients times the common weight of every token's loss, read from `grad_nll` (T,)"
+    c = grad_nll[:1].reshape(()) if grad_nll.numel() else grad_nll.new_zeros(())
+    if not torch.equal(grad_nll, c.expand_as(grad_nll)):
+        raise NotImplementedError("linear_cross_entropy: the loss must weight every token alike (a sum or mean "
+                                  "of the per-token NLL); per-token weights are not supported")
+    return gh * c, gW * c, gb * c
 
 # %% ../nbs/02a_head.ipynb #a66a0149
 @linear_cross_entropy_backward_op.register_fake
-def _(scale, gh, gW, gb): return torch.empty_like(gh), torch.empty_like(gW), torch.empty_like(gb)
+def _(grad_nll, gh, gW, gb): return torch.empty_like(gh), torch.empty_like(gW), torch.empty_like(gb)
 
 # %% ../nbs/02a_head.ipynb #849abb6b
 def _setup_context(ctx, inputs, output):
@@ -106,11 +117,7 @@ def _setup_context(ctx, inputs, output):
 # %% ../nbs/02a_head.ipynb #be68d908
 def _backward(ctx, grad_nll, *_):
     if not ctx.with_grad: raise RuntimeError("linear_cross_entropy: gradients were not computed (with_grad=False)")
-    c = grad_nll[:1].reshape(()) if grad_nll.numel() else grad_nll.new_zeros(())
-    if not torch.equal(grad_nll, c.expand_as(grad_nll)):
-        raise NotImplementedError("linear_cross_entropy: the loss must weight every token alike (a sum or mean "
-                                  "of the per-token NLL); per-token weights are not supported")
-    gh, gW, gb = torch.ops.bk_nbdev.linear_cross_entropy_backward(c, *ctx.saved_tensors)
+    gh, gW, gb = torch.ops.bk_nbdev.linear_cross_entropy_backward(grad_nll.contiguous(), *ctx.saved_tensors)
     return gh, gW, (gb if ctx.has_bias else None), None, None, None, None, None
 
 linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -126,15 +133,9 @@ def _lce_forward_flops(h_shape, weight_shape, *args, out_shape=None, **kwargs) -
 
 # %% ../nbs/02a_head.ipynb #cb1a7b6e
 @register_flop_formula(torch.ops.bk_nbdev.linear_cross_entropy_backward)
-def _lce_backward_flops(scale_shape, gh_shape, gW_shape, *args, out_shape=None, **kwargs) -> int:
+def _lce_backward_flops(grad_shape, gh_shape, gW_shape, *args, out_shape=None, **kwargs) -> int:
     T, d, V = _sizes(gh_shape, gW_shape)
     return 4 * T * d * V + LOG_SOFTMAX_FLOPS * T * V + T
-
-# %% ../nbs/02a_head.ipynb #ae30367d
-def _check_targets(y: Tensor, V: int, ignore_index: int):
-    if y.dtype != torch.long: raise ValueError(f"targets must be int64 token ids, got {y.dtype}")
-    bad = y[(y != ignore_index) & ((y < 0) | (y >= V))]
-    if len(bad): raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}, got {bad[:5].tolist()}")
 
 # %% ../nbs/02a_head.ipynb #37d78f85
 def linear_cross_entropy(
@@ -153,7 +154,6 @@ def linear_cross_entropy(
         raise ValueError(f"targets {tuple(targets.shape)} must match the hidden states' leading shape {tuple(h.shape[:-1])}")
     if not isinstance(chunk_size, int) or chunk_size < 1: raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     y = targets.reshape(-1)
-    _check_targets(y, weight.shape[0], ignore_index)
     with_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, weight, bias))
     nll = torch.ops.bk_nbdev.linear_cross_entropy(h.reshape(-1, h.shape[-1]).contiguous(), weight.contiguous(), bias, y,
                                                   ignore_index, chunk_size, low_precision, with_grad)[0]

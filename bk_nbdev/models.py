@@ -126,7 +126,7 @@ class CausalLM(nn.Module):
         self.head = make_head(cfg)
         if cfg.tie_weights: self.head.weight = self.tok_emb.weight
         self.aux: dict[str, Tensor] = {}
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, Tensor] = {}  # read back to the host by `stats`, not in the forward
 
     def embed(self, tokens: Tensor) -> Tensor:
         if tokens.dim() != 2: raise ValueError(f"tokens must have shape (B, N), got {tuple(tokens.shape)}")
@@ -162,8 +162,8 @@ def loss(self: CausalLM, tokens: Tensor, targets: Tensor) -> tuple[Tensor, dict[
 
 @patch
 def stats(self: CausalLM) -> dict[str, float]:
-    "Measured quantities of the last forward pass"
-    return dict(self._stats)
+    "Measured quantities of the last forward pass, as numbers (the forward keeps them as tensors: no host read there)"
+    return {k: float(v) for k, v in self._stats.items()}
 
 @patch
 def n_params(self: CausalLM) -> int: return sum(p.numel() for p in self.parameters())
@@ -344,7 +344,7 @@ class ResNetBKLM(CausalLM):
     def report_balance(self, balance: Tensor):
         "Add the mean load-balancing loss of the layers to `aux` and report it"
         self.aux["moe_balance"] = self.cfg.moe_balance_weight * balance
-        self._stats["moe_balance"] = float(balance.detach())
+        self._stats["moe_balance"] = balance.detach()
 
 # %% ../nbs/03_models.ipynb #db30bc25
 def mixer_memory(model: nn.Module, # a model with BK mixers (any other gives [])

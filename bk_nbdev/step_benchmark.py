@@ -13,6 +13,7 @@ from itertools import islice
 import torch
 import torch.nn as nn
 
+from .comparison import ablation_configs  # 07's rows, timed here by phase
 from .config import BenchmarkConfig, load_preset
 from .data import Corpus, load_corpus
 from .runtime import in_fresh_process
@@ -26,16 +27,20 @@ __all__ = ['STEP_VARIANTS', 'PHASES', 'variant_config', 'step_run', 'step_benchm
            'timed_step', 'phase_run', 'phase_benchmark', 'print_phase_table']
 
 # %% ../nbs/05c_step_benchmark.ipynb #5bb81a4e
-STEP_VARIANTS = {"unfused fp32": ("unfused", False), "fused fp32": ("fused", False), "fused mixed": ("fused", True)}
+def _variant(head: str, mixed: bool, compiled: bool = False) -> dict:
+    return {"lm_head": head, "use_mixed_precision": mixed, "compile": compiled}
+
+STEP_VARIANTS = {"unfused fp32": _variant("unfused", False), "fused fp32": _variant("fused", False),
+                 "fused mixed": _variant("fused", True), "compiled fp32": _variant("fused", False, True),
+                 "compiled mixed": _variant("fused", True, True)}
 
 # %% ../nbs/05c_step_benchmark.ipynb #f7a5db08
 def variant_config(preset: str, variant: str, steps: int, **overrides) -> BenchmarkConfig:
-    "Preset `preset` (with `overrides`) with `variant`'s head and precision, for one epoch of `steps` steps"
+    "Preset `preset` (with `overrides`) with `variant`'s head, precision and compilation, for one epoch of `steps` steps"
     if variant not in STEP_VARIANTS: raise ValueError(f"variant {variant!r} is unknown; valid: {', '.join(STEP_VARIANTS)}")
-    head, mixed = STEP_VARIANTS[variant]
-    if set_here := {"lm_head", "use_mixed_precision", "epochs", "warmup_steps", "max_train_tokens"} & set(overrides):
+    if set_here := {*STEP_VARIANTS[variant], "epochs", "warmup_steps", "max_train_tokens"} & set(overrides):
         raise ValueError(f"{sorted(set_here)} are set by the variant and `steps`, not by overrides")
-    cfg = load_preset(preset, **{**overrides, "lm_head": head, "use_mixed_precision": mixed, "epochs": 1, "warmup_steps": 1})
+    cfg = load_preset(preset, **{**overrides, **STEP_VARIANTS[variant], "epochs": 1, "warmup_steps": 1})
     return dataclasses.replace(cfg, max_train_tokens=steps * cfg.batch_size * cfg.n_seq)
 
 # %% ../nbs/05c_step_benchmark.ipynb #dfe7bc7b
@@ -115,7 +120,6 @@ def phase_run(cfg: dict, steps: int = 4, warmup: int = 2) -> dict:
 # %% ../nbs/05c_step_benchmark.ipynb #033b06ef
 def phase_benchmark(base: str, rows: list | None = None, repeat: int = 3, steps: int = 4, **overrides) -> list[dict]:
     "Each ablation row of preset `base` (all, or the labels `rows`) by phase: runs interleaved, one process each"
-    from bk_nbdev.comparison import ablation_configs
     configs = ablation_configs(base, **overrides)
     if bad := [r for r in rows or [] if r not in configs]: raise ValueError(f"unknown rows {bad}; valid: {list(configs)}")
     labels = ["base", *[r for r in rows if r != "base"]] if rows else list(configs)

@@ -30,8 +30,8 @@ from .training_flags import autocast, epoch_lengths, keep_windows, precision, ru
 # %% auto #0
 __all__ = ['TRAIN_FLAGS', 'OBSERVE_FIELDS', 'TrainConfig', 'train_streams', 'warmup_cosine', 'TrainResult', 'TrainRun',
            'start_run', 'save_checkpoint', 'load_checkpoint', 'step_forward', 'step_backward', 'step_update',
-           'train_step', 'prune_for_step', 'validate_subset', 'active_plan', 'epoch_batches', 'train_epoch',
-           'end_epoch']
+           'train_step', 'prune_for_step', 'validate_subset', 'active_plan', 'epoch_batches', 'epoch_step',
+           'train_epoch', 'end_epoch']
 
 # %% ../nbs/05_training.ipynb #55e9efdb
 def _finite_at_least(cfg, **lows):
@@ -60,6 +60,7 @@ class TrainConfig:
     max_train_tokens: int = 0        # per-epoch token budget (0: the whole training split)
     eval_batch_size: int = 32
     timing_warmup_steps: int = 3     # steps excluded from the tokens/s measurement
+    compile: bool = False            # torch.compile the loss (its forward and, through it, the backward); eager if False
     use_mixed_precision: bool = False
     use_quantization: bool = False
     quant_bits: int = 8              # bits of the quantized weights: 8 or 4 (04a)
@@ -219,6 +220,7 @@ def start_run(model: nn.Module, corpus: Corpus, cfg: TrainConfig, device: torch.
     sched = warmup_cosine(opt, cfg.warmup_steps, run_steps(total_steps, cfg.n_seq, budget, cfg.epochs, cfg.curriculum))
     amp_dtype, scaler = precision(cfg.use_mixed_precision, device)
     step_loss = DDP(_LossModule(model), find_unused_parameters=True) if world > 1 else model.loss
+    if cfg.compile: step_loss = torch.compile(step_loss, options={"fallback_random": True})  # eager's random numbers
     return TrainRun(cfg, model, device, data, budget, total_steps, opt, sched,
                     amp_dtype, scaler, step_loss, _StepFlops(model), validation_subset(corpus.validation, cfg.val_tokens),
                     corpus.vocab.stoi[EOS])
@@ -328,10 +330,25 @@ def epoch_batches(run: TrainRun, lengths: list[int]) -> tuple[Iterator, int]:
     B, W = run.local_batch, run.budget // run.cfg.n_seq
     return (window_batch(run.data, order[i * B : (i + 1) * B], run.cfg.n_seq, W, L) for i, L in enumerate(lengths)), scoring
 
+# %% ../nbs/05_training.ipynb #ede0e75b
+def epoch_step(run: TrainRun, x: torch.Tensor, y: torch.Tensor) -> dict:
+    "Prune, count and train one step on (x, y), timed; the job's mean loss and CE, tokens read, FLOPs and seconds"
+    t0 = time.perf_counter()
+    prune_for_step(run)
+    f = run.flops_of(x, y)  # counting forks the RNG: the run's random stream is untouched
+    loss, parts = train_step(run, x, y)
+    if run.device.type == "cuda": torch.cuda.synchronize(run.device)
+    dt, n_read = time.perf_counter() - t0, x.numel()
+    if run.step >= run.cfg.timing_warmup_steps: run.timed_tokens += n_read; run.timed_seconds += dt
+    step_loss, step_ce = all_sum([loss.item(), parts["ce"].item()], run.device)  # means over the ranks
+    run.step += 1
+    return dict(loss=step_loss / run.world, ce=step_ce / run.world, tokens=n_read * run.world,
+                flops=f.total * run.world, seconds=dt)
+
 # %% ../nbs/05_training.ipynb #0316be29
 def train_epoch(run: TrainRun, progress: bool = True) -> dict:
     "Train one epoch: mean loss and CE, tokens read and back-propagated, FLOPs and seconds of the job; curve points"
-    cfg, world = run.cfg, run.world
+    cfg = run.cfg
     run.model.train()
     lengths = epoch_lengths(run.step, run.total_steps, cfg.n_seq, run.budget, cfg.curriculum)
     s = dict(loss=0.0, ce=0.0, tokens=0, backprop_tokens=0, flops=0, eval_seconds=0.0)
@@ -340,22 +357,15 @@ def train_epoch(run: TrainRun, progress: bool = True) -> dict:
     t_epoch, window, checks = time.perf_counter(), LossWindow(), eval_steps(len(lengths), cfg.evals_per_epoch)
     here = lambda: _position(run, s["tokens"], s["flops"], time.perf_counter() - t_epoch - s["eval_seconds"])
     batches, scoring = epoch_batches(run, lengths)
-    s["flops"] += scoring * world
+    s["flops"] += scoring * run.world
     for i, (x, y) in enumerate(batches, 1):
-        t0 = time.perf_counter()
-        prune_for_step(run)
-        f = run.flops_of(x, y)  # counting forks the RNG: the run's random stream is untouched
-        loss, parts = train_step(run, x, y)
-        if run.device.type == "cuda": torch.cuda.synchronize(run.device)
-        dt, n_read = time.perf_counter() - t0, x.numel()
-        if run.step >= cfg.timing_warmup_steps: run.timed_tokens += n_read; run.timed_seconds += dt
-        step_loss, step_ce = all_sum([loss.item(), parts["ce"].item()], run.device)  # means over the ranks
-        s["loss"] += step_loss / world; s["ce"] += step_ce / world; run.step += 1; window.add(step_loss / world, step_ce / world)
-        s["tokens"] += n_read * world; s["backprop_tokens"] += n_read * world; s["flops"] += f.total * world
+        st = epoch_step(run, x, y)
+        for k in ("loss", "ce", "tokens", "flops"): s[k] += st[k]
+        s["backprop_tokens"] += st["tokens"]; window.add(st["loss"], st["ce"])
         if run.step % cfg.log_every == 0 or i == len(lengths):
             add_point(run.result.train_curve, {**here(), **window.take(), "lr": run.opt.param_groups[0]["lr"]}, run.writer, "train")
         if i in checks: s["eval_seconds"] += validate_subset(run, here())
-        bar.set_postfix(loss=f"{s['loss'] / i:.3f}", tok_s=f"{n_read * world / dt:.0f}", refresh=False); bar.update()
+        bar.set_postfix(loss=f"{s['loss'] / i:.3f}", tok_s=f"{st['tokens'] / st['seconds']:.0f}", refresh=False); bar.update()
     bar.close()
     n = max(len(lengths), 1)
     return {**s, "loss": s["loss"] / n, "ce": s["ce"] / n, "seconds": time.perf_counter() - t_epoch - s["eval_seconds"]}
