@@ -11,6 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from fastcore.imports import in_ipython
 
 import bk_nbdev
@@ -257,7 +258,7 @@ def launch_distributed(preset: str, nproc: int, output_dir: str | Path, override
         raise RuntimeError(f"torchrun with {nproc} processes failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
     return r.stdout
 
-if __name__ == "__main__" and not in_ipython(): worker_main()
+if __name__ == "__main__" and not in_ipython(): record(worker_main)()  # a failing rank's traceback reaches torchrun's report
 
 # %% ../nbs/06_benchmark.ipynb #fb3e4f67
 def benchmark_notebook() -> Path:

@@ -100,11 +100,14 @@ def optimizer_flops(model_or_opt, optimizer: str | None = None, **kw) -> int:
     return optimizer_flops_per_param(optimizer or "adamw", **kw) * n
 
 # %% ../nbs/02_flops.ipynb #bdd3635e
-def measure_step(loss_fn) -> tuple[FlopCounterMode, FlopCounterMode, FlopCounterMode]:
-    "Counters of the forward pass (`loss_fn()` returning a scalar loss), of its backward pass, and of both"
+def measure_step(loss_fn, # returns a scalar loss
+                 inputs,  # the tensors whose gradients the backward pass computes (those that need none are skipped)
+                ) -> tuple[FlopCounterMode, FlopCounterMode, FlopCounterMode]:
+    "Counters of the forward pass, of its backward pass (gradients to `inputs`, not accumulated), and of both"
+    inputs = [t for t in inputs if t.requires_grad]
     with flop_counter() as both:
         with flop_counter() as fwd: loss = loss_fn()
-        with flop_counter() as bwd: loss.backward()
+        with flop_counter() as bwd: torch.autograd.grad(loss, inputs, allow_unused=True)
     return fwd, bwd, both
 
 # %% ../nbs/02_flops.ipynb #20025a4b
@@ -227,12 +230,11 @@ def count_total_flops(self: FLOPsCounter, tokens: torch.Tensor | None = None,
     elif targets is None: raise ValueError("pass targets with tokens")
     was_training = m.training
     m.train()
-    m.zero_grad(set_to_none=True)
+    m.zero_grad(set_to_none=True)  # the last step's gradients go first, as in a step: counting holds no more memory
     try:
         with torch.random.fork_rng(devices=[]):  # counting must not change the caller's random stream (dropout)
-            fwd, bwd, step = measure_step(lambda: m.loss(tokens, targets)[0])
-    finally:
-        m.zero_grad(set_to_none=True); m.train(was_training)
+            fwd, bwd, step = measure_step(lambda: m.loss(tokens, targets)[0], m.parameters())
+    finally: m.train(was_training)
     breakdown, head, loss = _breakdown(step.get_flop_counts(), type(m).__name__)
     return FLOPsResult(forward=fwd.get_total_flops(), backward=bwd.get_total_flops(),
                        optimizer=optimizer_flops(m, self.optimizer), breakdown=breakdown, head=head, loss=loss,

@@ -92,3 +92,12 @@ def test_benchmark_notebook_launches_nproc(tmp_path, monkeypatch):
                         parameters={"preset": "smoke", "output_dir": str(tmp_path), "nproc": 2, "epochs": 1})
     res = WikiText2Benchmark(tmp_path).load_results("smoke")
     assert res["metadata"]["world_size"] == 2 and len(res["epoch_perplexities"]) == 1
+
+
+def test_full_trains_data_parallel(tmp_path):
+    "All twelve flags under two processes: active learning's scoring batch and curriculum's short steps each get their FLOPs counted, and counting must not tell DDP that a parameter (an expert no token of the step reached) was used"
+    tiny = dict(dataset="synthetic", d_model=32, n_layers=3, n_seq=32, batch_size=8, epochs=1, max_train_tokens=2048,
+                eval_batch_size=16)
+    launch_distributed("full", 2, tmp_path, tiny, timeout=60)
+    res = WikiText2Benchmark(tmp_path).load_results("resnet_bk_full")
+    assert res["metadata"]["world_size"] == 2 and math.isfinite(res["test_perplexity"])
