@@ -15,11 +15,11 @@ from .tables import (
     study_metadata, track_rows, track_run)
 
 # %% auto #0
-__all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS', 'run_of',
-           'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet', 'track_sentence',
-           'controls_summary', 'seeded', 'mixer_gain', 'controls_bullet', 'mark_unresolved', 'seeded_group',
-           'track_seeds', 'track_seeded_groups', 'track_seeds_sentence', 'gain_on_one_kind', 'whole_group',
-           'whole_gains', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'main_job_cost',
+__all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'MIXER_OF', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS',
+           'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet',
+           'track_sentence', 'controls_summary', 'seeded', 'seeded_gain', 'controls_bullet', 'mark_unresolved',
+           'seeded_group', 'track_seeds', 'track_seeded_groups', 'track_seeds_sentence', 'gain_on_one_kind',
+           'whole_group', 'whole_gains', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'main_job_cost',
            'superseded_line', 'answer_section']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
@@ -132,10 +132,11 @@ def seeded(s: dict) -> str:
     "A seed summary row's test perplexity as mean ± standard deviation"
     return f"{s['test_ppl']:,.1f} ± {s['test_ppl_sd']:,.1f}"
 
-def mixer_gain(summary: dict[str, dict], model: str) -> str:
-    "How much worse `model`'s control is (its test perplexity over the model's), resolved by the seeds or not"
-    a, b = summary[CONTROLS[model]], summary[model]
-    return gain_text(a['test_ppl'] / b['test_ppl'] - 1) + ("" if resolved(a, b)[2] else ", not resolved")
+MIXER_OF = {"ResNet-BK": "ResNet-BK's mixer", "Transformer": "the Transformer's attention"}  # label -> what its control removes
+
+def seeded_gain(control: dict, model: dict) -> str:
+    "How much worse a model's control is (its mean test perplexity over the model's), resolved by the seeds or not"
+    return gain_text(control['test_ppl'] / model['test_ppl'] - 1) + ("" if resolved(control, model)[2] else ", not resolved")
 
 # %% ../nbs/09b_report.ipynb #4a6d7112
 def controls_bullet(ref: Path) -> str:
@@ -143,9 +144,9 @@ def controls_bullet(ref: Path) -> str:
     s = controls_summary(ref)
     machine = machine_of(study_metadata(ref/"controls")[0])
     return (f"**What the mixing is worth.** At the quick budget ResNet-BK {seeded(s['baseline_quick'])}, without its "
-            f"mixer {seeded(s['baseline_quick_no_mixer'])} ({mixer_gain(s, 'baseline_quick')}); the Transformer "
+            f"mixer {seeded(s['baseline_quick_no_mixer'])} ({seeded_gain(s['baseline_quick_no_mixer'], s['baseline_quick'])}); the Transformer "
             f"{seeded(s['transformer_quick'])}, without attention {seeded(s['transformer_quick_no_mixer'])} "
-            f"({mixer_gain(s, 'transformer_quick')}); the LSTM {seeded(s['lstm_quick'])} (test perplexity over "
+            f"({seeded_gain(s['transformer_quick_no_mixer'], s['transformer_quick'])}); the LSTM {seeded(s['lstm_quick'])} (test perplexity over "
             f"{s['baseline_quick']['seeds']} seeds, on {machine}).")
 
 # %% ../nbs/09b_report.ipynb #cfe58e0d
@@ -164,40 +165,43 @@ def seeded_group(ref: Path) -> tuple[str, str, list[dict]]:
     for label, run in QUICK_RUNS.items():
         c = s[CONTROLS[run]] if run in CONTROLS else None
         rows.append({"model": label, "test_ppl": s[run]["test_ppl"], "gain": c and c["test_ppl"] / s[run]["test_ppl"] - 1,
-                     "text": {"test_ppl": seeded(s[run])} | ({"gain": mixer_gain(s, run)} if c else {})})
+                     "text": {"test_ppl": seeded(s[run])} | ({"gain": seeded_gain(c, s[run])} if c else {})})
     return "128 × 32", f"quick, {s['baseline_quick']['seeds']} seeds", mark_unresolved(rows, {m: s[r] for m, r in QUICK_RUNS.items()})
 
 # %% ../nbs/09b_report.ipynb #c3ab2115
 TRACK_SEEDS = {"track_quick_seeds": 2048}  # the track's seeds studies (quick budget) -> their length
 
-def track_seeds(ref: Path) -> list[tuple[int, int, dict[str, dict]]]:
-    "Per seeds study of the track that was run: its length, its number of seeds (the fewest of any model), each model's seed summary row"
+def track_seeds(ref: Path) -> list[tuple[int, int, dict[str, dict], dict[str, dict]]]:
+    "Per seeds study of the track that was run: its length, its number of seeds (the fewest of any run), each model's seed summary row and its control's (where seeded)"
     out = []
     for name, N in TRACK_SEEDS.items():
         if not (f := ref/name/"seed_summary.json").exists(): continue
         s = {r["run"]: r for r in json.loads(f.read_text())}
         rows = {m: s[run] for m, (stem, _) in TRACK.items() if (run := track_run(stem, N, "quick")) in s}
-        out.append((N, min(r["seeds"] for r in rows.values()), rows))
+        controls = {m: s[run] for m, (_, c) in TRACK.items() if c and m in rows and (run := track_run(c, N, "quick")) in s}
+        out.append((N, min(r["seeds"] for r in [*rows.values(), *controls.values()]), rows, controls))
     return out
 
 # %% ../nbs/09b_report.ipynb #b0747f87
 def track_seeded_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
-    "The track's seeds studies as groups of the table: each model's mean test ppl ± sd, the lowest marked if not resolved"
+    "The track's seeds studies as groups of the table: each model's mean test ppl ± sd (the lowest marked if not resolved) and its mixer's gain"
     out = []
-    for N, n, s in track_seeds(ref):
-        rows = [{"model": m, "test_ppl": r["test_ppl"], "text": {"test_ppl": seeded(r)}} for m, r in s.items()]
+    for N, n, s, c in track_seeds(ref):
+        rows = [{"model": m, "test_ppl": r["test_ppl"], "gain": c[m]["test_ppl"] / r["test_ppl"] - 1 if m in c else None,
+                 "text": {"test_ppl": seeded(r)} | ({"gain": seeded_gain(c[m], r)} if m in c else {})} for m, r in s.items()]
         out.append((f"{N:,} × {TRACK_TOKENS // N}", f"quick, {n} seeds", mark_unresolved(rows, s)))
     return out
 
 # %% ../nbs/09b_report.ipynb #608704fc
 def track_seeds_sentence(ref: Path) -> str:
-    "The track's seeds studies in words: each model's mean test ppl ± sd, and whether the lowest is ahead beyond the spread"
+    "The track's seeds studies in words: each model's mean test ppl ± sd, whether the lowest is ahead beyond the spread, the mixers' gains"
     said = []
-    for N, n, s in track_seeds(ref):
+    for N, n, s, c in track_seeds(ref):
         (lo, a), (runner, b) = sorted(s.items(), key=lambda kv: kv[1]["test_ppl"])[:2]
         said.append(f" Over {n} seeds at N = {N:,} (quick budget): " +
                     ", ".join(f"{m} {seeded(r)}" for m, r in s.items()) +
-                    f"; {lo} ahead of {runner} {'beyond' if resolved(b, a)[2] else 'within'} the seeds' spread.")
+                    f"; {lo} ahead of {runner} {'beyond' if resolved(b, a)[2] else 'within'} the seeds' spread" +
+                    "".join(f"; {MIXER_OF[m]} {seeded_gain(r, s[m])}" for m, r in c.items()) + ".")
     return "".join(said)
 
 # %% ../nbs/09b_report.ipynb #2c48473b
@@ -240,7 +244,7 @@ def whole_gains(ref: Path) -> str:
     "What ResNet-BK's mixer and the Transformer's attention are worth on the whole split, and the LSTM there, where measured"
     rows = {r["model"]: r for r in whole_group(ref)[2]}
     said = [f"{what} {rows[m]['text'].get('gain') or gain_text(rows[m]['gain'])}"
-            for m, what in (("ResNet-BK", "ResNet-BK's mixer"), ("Transformer", "the Transformer's attention"))
+            for m, what in MIXER_OF.items()
             if isinstance(rows[m]["gain"], float)]
     if "test_ppl" in rows["LSTM"]:  # the O(N) peer
         said.append(f"the LSTM {rows['LSTM']['test_ppl']:,.1f} ({rows['LSTM']['test_ppl'] / rows['Transformer']['test_ppl']:.2f}× "

@@ -116,8 +116,8 @@ def controls_part(ref: Path) -> list[str]:
             controls_section(ref/"controls", CONTROLS, timed=False), provenance_line(ref/"controls"),
             "**On the whole split**, one seed: the whole study's ResNet-BK and Transformer beside their controls and the LSTM "
             "(whole_controls), run on another CPU kind (its training seconds and throughput do not compare with the whole "
-            "study's). ResNet-BK was run again beside them, on their kind, so that its mixer's gain compares two runs of one "
-            "kind:", whole_controls_section(ref), provenance_line(ref/"whole_controls")]
+            "study's). ResNet-BK and the Transformer were run again beside them, on their kind, so that each mixer's gain "
+            "compares two runs of one kind:", whole_controls_section(ref), provenance_line(ref/"whole_controls")]
 
 # %% ../nbs/09c_results_page.ipynb #0598e839
 DESIGNS = {"design_quick": None, "design_quick_transformer": "design_quick_transformer_seeds"}  # study -> its winner's seeds
