@@ -143,10 +143,11 @@ def controls_bullet(ref: Path) -> str:
     "Each model's test perplexity with and without its mixer at the quick budget, over seeds, and the LSTM's"
     s = controls_summary(ref)
     machine = machine_of(study_metadata(ref/"controls")[0])
+    gain = lambda run: seeded_gain(s[CONTROLS[run]], s[run])
     return (f"**What the mixing is worth.** At the quick budget ResNet-BK {seeded(s['baseline_quick'])}, without its "
-            f"mixer {seeded(s['baseline_quick_no_mixer'])} ({seeded_gain(s['baseline_quick_no_mixer'], s['baseline_quick'])}); the Transformer "
+            f"mixer {seeded(s['baseline_quick_no_mixer'])} ({gain('baseline_quick')}); the Transformer "
             f"{seeded(s['transformer_quick'])}, without attention {seeded(s['transformer_quick_no_mixer'])} "
-            f"({seeded_gain(s['transformer_quick_no_mixer'], s['transformer_quick'])}); the LSTM {seeded(s['lstm_quick'])} (test perplexity over "
+            f"({gain('transformer_quick')}); the LSTM {seeded(s['lstm_quick'])} (test perplexity over "
             f"{s['baseline_quick']['seeds']} seeds, on {machine}).")
 
 # %% ../nbs/09b_report.ipynb #cfe58e0d
