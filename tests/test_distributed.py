@@ -80,8 +80,11 @@ def test_torchrun_benchmark_rank0_writes_once(tmp_path):
 
 
 def test_batch_must_divide_over_processes(tmp_path):
-    with pytest.raises(RuntimeError, match="batch_size=9 must be divisible by the number of processes"):
+    "The error names the bad value, and torchrun's root-cause report ends with the failing rank's own traceback"
+    with pytest.raises(RuntimeError, match="batch_size=9 must be divisible by the number of processes") as e:
         launch_distributed("smoke", 2, tmp_path, {"epochs": 1, "batch_size": 9}, timeout=60)
+    root_cause = str(e.value).split("Root Cause (first observed failure)")[-1]
+    assert "in worker_main" in root_cause and "ValueError: batch_size=9" in root_cause, root_cause
 
 
 def test_benchmark_notebook_launches_nproc(tmp_path, monkeypatch):
