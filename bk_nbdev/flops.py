@@ -137,17 +137,19 @@ class FLOPsResult:
 
     def to_json(self, **kw) -> str: return json.dumps(self.to_dict(), **kw)
 
-    def summary(self) -> str:
-        "A readable table of the counts"
-        g = lambda n: f"{n / 1e9:10.3f} GFLOP"
-        lines = [f"FLOPs per training step (batch {self.batch_size} x {self.seq_len} tokens, {self.optimizer_name})",
-                 f"  forward   {g(self.forward)}", f"  backward  {g(self.backward)}", f"  optimizer {g(self.optimizer)}",
-                 f"  total     {g(self.total)}", f"  without LM head and loss {g(self.total_without_head)}",
-                 f"  closed form (6*P*D + attention) {g(self.closed_form)}", "  forward+backward by part:"]
-        lines += [f"    {k:<22}{g(v)}  {100 * v / max(self.forward + self.backward, 1):5.1f}%"
-                  for k, v in self.breakdown.items()]
-        lines.append(f"  counted on {self.counted_on}" + (" (the compute depends on the input)" if self.input_dependent else ""))
-        return "\n".join(lines)
+# %% ../nbs/02_flops.ipynb #b75bfb21
+@patch
+def summary(self: FLOPsResult) -> str:
+    "A readable table of the counts"
+    g = lambda n: f"{n / 1e9:10.3f} GFLOP"
+    lines = [f"FLOPs per training step (batch {self.batch_size} x {self.seq_len} tokens, {self.optimizer_name})",
+             f"  forward   {g(self.forward)}", f"  backward  {g(self.backward)}", f"  optimizer {g(self.optimizer)}",
+             f"  total     {g(self.total)}", f"  without LM head and loss {g(self.total_without_head)}",
+             f"  closed form (6*P*D + attention) {g(self.closed_form)}", "  forward+backward by part:"]
+    lines += [f"    {k:<22}{g(v)}  {100 * v / max(self.forward + self.backward, 1):5.1f}%"
+              for k, v in self.breakdown.items()]
+    lines.append(f"  counted on {self.counted_on}" + (" (the compute depends on the input)" if self.input_dependent else ""))
+    return "\n".join(lines)
 
 # %% ../nbs/02_flops.ipynb #301ebef8
 def _part(name: str) -> str | None:
@@ -199,6 +201,15 @@ def closed_form(self: FLOPsCounter, shape) -> int:
     attention = 6 * cfg.n_layers * N * cfg.d_model * B * N if hasattr(cfg, "n_heads") else 0
     return 6 * active * B * N + attention
 
+# %% ../nbs/02_flops.ipynb #7447f7eb
+@patch
+def random_batch(self: FLOPsCounter) -> tuple[torch.Tensor, torch.Tensor]:
+    "The step counted by default: (batch_size, seq_len) random tokens and their next tokens, the same every call"
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g)
+    seqs = seqs.to(next(self.model.parameters()).device)
+    return seqs[:, :-1], seqs[:, 1:]
+
 # %% ../nbs/02_flops.ipynb #9b97e477
 def _breakdown(counts: dict, top: str) -> tuple[dict, int, int]:
     "The parts, then blocks, then loss of a FlopCounterMode's per-module counts; also the head's FLOPs and the loss's"
@@ -221,12 +232,8 @@ def count_total_flops(self: FLOPsCounter, tokens: torch.Tensor | None = None,
                       targets: torch.Tensor | None = None) -> FLOPsResult:
     "Count one training step (forward with loss, backward, optimizer) on `tokens` (default: a random batch)"
     m = self.model
-    dev = next(m.parameters()).device
     counted_on = "random tokens" if tokens is None else "the given batch"
-    if tokens is None:
-        g = torch.Generator().manual_seed(0)
-        tokens = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g).to(dev)
-        tokens, targets = tokens[:, :-1], tokens[:, 1:]
+    if tokens is None: tokens, targets = self.random_batch()
     elif targets is None: raise ValueError("pass targets with tokens")
     was_training = m.training
     m.train()
