@@ -217,6 +217,18 @@ def compare_results(self: WikiText2Benchmark, model1_name: str, model2_name: str
                        json.dumps(cmp, indent=2, allow_nan=False).encode())
     return cmp
 
+# %% ../nbs/06_benchmark.ipynb #03a9ebfc
+@patch
+def compare_all(self: WikiText2Benchmark, names: list[str]) -> list[str]:
+    "Compare every later model of `names` with every earlier one (each comparison's JSON written); a line per pair"
+    lines = []
+    for j, later in enumerate(names):
+        for earlier in names[:j]:
+            c = self.compare_results(later, earlier)
+            lines.append(f"{later} vs {earlier}: test perplexity {c['perplexity']['model1']:.2f} vs "
+                         f"{c['perplexity']['model2']:.2f}, time speed-up {c['time_speedup']}")
+    return lines
+
 # %% ../nbs/06_benchmark.ipynb #3ad20ee9
 @patch
 def plot_training_curves(self: WikiText2Benchmark, model_names: list[str] | None = None, show: bool = False) -> Path:
@@ -288,10 +300,6 @@ def run_presets(presets: list[str], output_dir: str | Path = "benchmark_results"
                             parameters={"preset": preset, "output_dir": nb_dir, "nproc": nproc, "force": force, **overrides},
                             cwd=str(nb.parent), progress_bar=progress)
     names = [c.model_name for c in configs]
-    for j in range(len(names)):
-        for i in range(j):
-            c = bench.compare_results(names[j], names[i])
-            print(f"{names[j]} vs {names[i]}: test perplexity {c['perplexity']['model1']:.2f} vs "
-                  f"{c['perplexity']['model2']:.2f}, time speed-up {c['time_speedup']}")
+    for line in bench.compare_all(names): print(line)
     print("curves:", bench.plot_training_curves(names))
     return names

@@ -1,5 +1,5 @@
 """The benchmark notebook as users run it: through papermill and the `bk run` command."""
-import json, math, os
+import json, math
 from dataclasses import fields
 from pathlib import Path
 
@@ -45,6 +45,20 @@ def test_papermill_skips_the_notebooks_self_tests(tmp_path):
     tests = [c for c in nb.cells if "skip-execution" in c.metadata.get("tags", [])]
     assert len(tests) >= 10 and all(c.execution_count is None and not c.outputs for c in tests)
     assert any(c.execution_count for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+
+
+def test_the_notebooks_self_tests_pass(tmp_path):
+    "06's self-tests carry skip-execution for papermill, and nbdev 3's nbdev-test skips that tag too: they run here"
+    from nbdev.config import get_config
+    from fastcore.nbio import read_nb, write_nb
+    from nbdev.test import test_nb
+    nb = read_nb(NB)
+    tests = [c for c in nb.cells if "skip-execution" in c.metadata.get("tags", [])]
+    for c in tests: c.metadata["tags"].remove("skip-execution")
+    assert len(tests) >= 10
+    write_nb(nb, tmp_path / NB.name)  # run as nbdev-test runs a notebook, in a folder of its own
+    passed, _ = test_nb(tmp_path / NB.name, skip_flags=get_config().tst_flags.split(), profile=False)
+    assert passed, "a self-test of 06 failed (its traceback is above)"
 
 
 def test_bad_preset_fails_clearly(tmp_path):
