@@ -16,10 +16,11 @@ from .tables import (
 
 # %% auto #0
 __all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'MIXER_OF', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS',
-           'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet',
+           'WHOLE_SEEDS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet',
            'track_sentence', 'controls_summary', 'seeded', 'seeded_gain', 'controls_bullet', 'mark_unresolved',
-           'seeded_group', 'track_seeds', 'track_seeded_groups', 'track_seeds_sentence', 'gain_on_one_kind',
-           'whole_group', 'whole_gains', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'main_job_cost',
+           'seeded_rows', 'seeded_group', 'seeds_study', 'track_seeds', 'track_seeded_groups', 'seeds_sentence',
+           'track_seeds_sentence', 'gain_on_one_kind', 'whole_group', 'whole_gains', 'whole_seeded_groups',
+           'whole_seeds_sentence', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'main_job_cost',
            'superseded_line', 'answer_section']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
@@ -157,53 +158,61 @@ def mark_unresolved(rows: list[dict], summary: dict[str, dict]) -> list[dict]:
     if not resolved(summary[runner["model"]], summary[lo["model"]])[2]: lo["text"]["test_ppl"] += ", not resolved"
     return rows
 
+# %% ../nbs/09b_report.ipynb #13f7e73e
+def seeded_rows(s: dict[str, dict], controls: dict[str, dict]) -> list[dict]:
+    "A group's rows from seed summaries (model -> its row; model -> its control's, where seeded): mean test ppl ± sd, the lowest marked if not resolved, each mixer's gain"
+    rows = [{"model": m, "test_ppl": r["test_ppl"], "gain": controls[m]["test_ppl"] / r["test_ppl"] - 1 if m in controls else None,
+             "text": {"test_ppl": seeded(r)} | ({"gain": seeded_gain(controls[m], r)} if m in controls else {})}
+            for m, r in s.items()]
+    return mark_unresolved(rows, s) if len(rows) > 1 else rows
+
 # %% ../nbs/09b_report.ipynb #63148c19
 QUICK_RUNS = {"ResNet-BK": "baseline_quick", "Transformer": "transformer_quick", "LSTM": "lstm_quick"}  # label -> run
 
 def seeded_group(ref: Path) -> tuple[str, str, list[dict]]:
     "The quick budget at N = 128 from the controls study: each model's mean test perplexity and its mixer's gain"
-    s, rows = controls_summary(ref), []
-    for label, run in QUICK_RUNS.items():
-        c = s[CONTROLS[run]] if run in CONTROLS else None
-        rows.append({"model": label, "test_ppl": s[run]["test_ppl"], "gain": c and c["test_ppl"] / s[run]["test_ppl"] - 1,
-                     "text": {"test_ppl": seeded(s[run])} | ({"gain": seeded_gain(c, s[run])} if c else {})})
-    return "128 × 32", f"quick, {s['baseline_quick']['seeds']} seeds", mark_unresolved(rows, {m: s[r] for m, r in QUICK_RUNS.items()})
+    s = controls_summary(ref)
+    rows = seeded_rows({m: s[r] for m, r in QUICK_RUNS.items()}, {m: s[CONTROLS[r]] for m, r in QUICK_RUNS.items() if r in CONTROLS})
+    return "128 × 32", f"quick, {s['baseline_quick']['seeds']} seeds", rows
+
+# %% ../nbs/09b_report.ipynb #fb337831
+def seeds_study(study: Path, runs: dict[str, tuple[str, str | None]]) -> tuple[int, dict[str, dict], dict[str, dict]] | None:
+    "A seeds study's number of seeds (the fewest of any run), each model's summary row and its control's where seeded (`runs`: model -> its run, its control's or None); None if not run"
+    if not (f := study/"seed_summary.json").exists(): return None
+    s = {r["run"]: r for r in json.loads(f.read_text())}
+    rows = {m: s[run] for m, (run, _) in runs.items() if run in s}
+    controls = {m: s[c] for m, (_, c) in runs.items() if m in rows and c in s}
+    return min(r["seeds"] for r in [*rows.values(), *controls.values()]), rows, controls
 
 # %% ../nbs/09b_report.ipynb #c3ab2115
 TRACK_SEEDS = {"track_quick_seeds": 2048}  # the track's seeds studies (quick budget) -> their length
 
 def track_seeds(ref: Path) -> list[tuple[int, int, dict[str, dict], dict[str, dict]]]:
-    "Per seeds study of the track that was run: its length, its number of seeds (the fewest of any run), each model's seed summary row and its control's (where seeded)"
+    "Per seeds study of the track that was run: its length, then what `seeds_study` reads"
     out = []
     for name, N in TRACK_SEEDS.items():
-        if not (f := ref/name/"seed_summary.json").exists(): continue
-        s = {r["run"]: r for r in json.loads(f.read_text())}
-        rows = {m: s[run] for m, (stem, _) in TRACK.items() if (run := track_run(stem, N, "quick")) in s}
-        controls = {m: s[run] for m, (_, c) in TRACK.items() if c and m in rows and (run := track_run(c, N, "quick")) in s}
-        out.append((N, min(r["seeds"] for r in [*rows.values(), *controls.values()]), rows, controls))
+        runs = {m: (track_run(stem, N, "quick"), c and track_run(c, N, "quick")) for m, (stem, c) in TRACK.items()}
+        if study := seeds_study(ref/name, runs): out.append((N, *study))
     return out
 
 # %% ../nbs/09b_report.ipynb #b0747f87
 def track_seeded_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
-    "The track's seeds studies as groups of the table: each model's mean test ppl ± sd (the lowest marked if not resolved) and its mixer's gain"
-    out = []
-    for N, n, s, c in track_seeds(ref):
-        rows = [{"model": m, "test_ppl": r["test_ppl"], "gain": c[m]["test_ppl"] / r["test_ppl"] - 1 if m in c else None,
-                 "text": {"test_ppl": seeded(r)} | ({"gain": seeded_gain(c[m], r)} if m in c else {})} for m, r in s.items()]
-        out.append((f"{N:,} × {TRACK_TOKENS // N}", f"quick, {n} seeds", mark_unresolved(rows, s)))
-    return out
+    "The track's seeds studies as groups of the table (`seeded_rows`)"
+    return [(f"{N:,} × {TRACK_TOKENS // N}", f"quick, {n} seeds", seeded_rows(s, c)) for N, n, s, c in track_seeds(ref)]
 
 # %% ../nbs/09b_report.ipynb #608704fc
-def track_seeds_sentence(ref: Path) -> str:
-    "The track's seeds studies in words: each model's mean test ppl ± sd, whether the lowest is ahead beyond the spread, the mixers' gains"
-    said = []
-    for N, n, s, c in track_seeds(ref):
+def seeds_sentence(where: str, n: int, s: dict[str, dict], c: dict[str, dict]) -> str:
+    "A seeds study in words: each model's mean test ppl ± sd, whether the lowest is ahead beyond the spread, the mixers' gains"
+    said = ", ".join(f"{m} {seeded(r)}" for m, r in s.items())
+    if len(s) > 1:
         (lo, a), (runner, b) = sorted(s.items(), key=lambda kv: kv[1]["test_ppl"])[:2]
-        said.append(f" Over {n} seeds at N = {N:,} (quick budget): " +
-                    ", ".join(f"{m} {seeded(r)}" for m, r in s.items()) +
-                    f"; {lo} ahead of {runner} {'beyond' if resolved(b, a)[2] else 'within'} the seeds' spread" +
-                    "".join(f"; {MIXER_OF[m]} {seeded_gain(r, s[m])}" for m, r in c.items()) + ".")
-    return "".join(said)
+        said += f"; {lo} ahead of {runner} {'beyond' if resolved(b, a)[2] else 'within'} the seeds' spread"
+    return f" Over {n} seeds {where}: {said}" + "".join(f"; {MIXER_OF[m]} {seeded_gain(r, s[m])}" for m, r in c.items()) + "."
+
+# %% ../nbs/09b_report.ipynb #85174509
+def track_seeds_sentence(ref: Path) -> str:
+    "The track's seeds studies in words (`seeds_sentence`)"
+    return "".join(seeds_sentence(f"at N = {N:,} (quick budget)", n, s, c) for N, n, s, c in track_seeds(ref))
 
 # %% ../nbs/09b_report.ipynb #2c48473b
 def gain_on_one_kind(r: dict, control: dict, rerun: dict | None) -> tuple[float, str | None]:
@@ -252,6 +261,21 @@ def whole_gains(ref: Path) -> str:
                     "the Transformer's)")
     return f" On the whole split (one seed): {'; '.join(said)}." if said else ""
 
+# %% ../nbs/09b_report.ipynb #4f2d0a02
+WHOLE_SEEDS = {"ResNet-BK": ("baseline", "baseline_no_mixer"), "Transformer": ("transformer", "transformer_no_mixer"),
+               "LSTM": ("lstm", None)}  # model -> its whole-split preset and its control's
+
+def whole_seeded_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
+    "The whole split at N = 128 over seeds (`seeded_rows`), if the whole_seeds study was run"
+    if not (study := seeds_study(ref/"whole_seeds", WHOLE_SEEDS)): return []
+    n, s, c = study
+    return [("128 × 32", f"whole split, {n} seeds", seeded_rows(s, c))]
+
+# %% ../nbs/09b_report.ipynb #cac0d43e
+def whole_seeds_sentence(ref: Path) -> str:
+    "The whole split over seeds in words (`seeds_sentence`), or ''"
+    return seeds_sentence("on the whole split", *study) if (study := seeds_study(ref/"whole_seeds", WHOLE_SEEDS)) else ""
+
 # %% ../nbs/09b_report.ipynb #06858e89
 def track_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
     "The track's groups (N × batch, budget, rows), each quick one followed by its seeds study's; a length not measured says so"
@@ -267,7 +291,7 @@ def track_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
 # %% ../nbs/09b_report.ipynb #97beb2e0
 def wins_table(ref: Path) -> str:
     "Per length, batch and budget, a row per model: test ppl, its mixer's gain, time to quality, cost; each group's best in bold"
-    groups = [seeded_group(ref), whole_group(ref), *track_groups(ref)]
+    groups = [seeded_group(ref), whole_group(ref), *whole_seeded_groups(ref), *track_groups(ref)]
     rows = [[n, b, r["model"], *c] for n, b, g in groups for r, c in zip(g, figure_cells(g, bold=True), strict=True)]
     return md_table(["N × batch", "budget", "model", *(h for h, *_ in TRACK_FIGURES.values())], rows)
 
@@ -312,7 +336,7 @@ def superseded_line(ref: Path) -> str:
 # %% ../nbs/09b_report.ipynb #d8d9da9b
 def answer_section(ref: Path) -> str:
     "The README's '## The answer': the sentences, where ResNet-BK wins, the claims, the main job's cost, the curves"
-    bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref) + whole_gains(ref),
+    bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref) + whole_gains(ref) + whole_seeds_sentence(ref),
                scaling_bullet(ref) + track_seeds_sentence(ref),
                claims_bullet(ref)]
     curves = f"results/reference/{(ref/'whole').name}/wikitext2/training_curves.png"
