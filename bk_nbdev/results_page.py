@@ -9,8 +9,9 @@ from __future__ import annotations
 import json, re
 from pathlib import Path
 
-from .report import (
-    CONTROLS, RUNS, TRACK_BUDGETS, TRACK_SEEDS, TRACK_STUDIES, answer_section, budget_line, controls_summary, run_of)
+from bk_nbdev.report import (
+    CONTROLS, RUNS, TRACK_BUDGETS, TRACK_SEEDS, TRACK_STUDIES, WHOLE_SEEDS, answer_section, budget_line, controls_summary,
+    run_of)
 from .results import load_runs, project_root, resolved
 from .runtime import atomic_write_bytes
 from .tables import (
@@ -20,8 +21,8 @@ from .tables import (
 
 # %% auto #0
 __all__ = ['EXIT_SAMPLE_RUNS', 'DESIGNS', 'plot_sweep', 'budget_part', 'mean_training_time', 'exit_sample_line', 'ablation_part',
-           'scaling_part', 'whole_controls_section', 'controls_part', 'winner_line', 'design_part', 'track_part',
-           'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+           'scaling_part', 'whole_controls_section', 'whole_seeds_part', 'controls_part', 'winner_line', 'design_part',
+           'track_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/09c_results_page.ipynb #d1c61927
 def plot_sweep(study: Path) -> Path:
@@ -106,6 +107,16 @@ def whole_controls_section(ref: Path) -> str:
                     [[r["model_name"], r["best_perplexity"], r["test_perplexity"], r["training_time"],
                       f"{r['tokens_per_second']:,.0f}", r["peak_memory_mb"], machine_of(r["metadata"])] for r in runs])
 
+# %% ../nbs/09c_results_page.ipynb #de6c7199
+def whole_seeds_part(ref: Path) -> list[str]:
+    "The whole split over seeds (whole_seeds), where run: the seeds table, each model's difference from its control, provenance"
+    if not (study := ref/"whole_seeds").exists(): return []
+    runs = {r["run"] for r in json.loads((study/"seed_summary.json").read_text())}
+    pairs = {m: c for m, c in WHOLE_SEEDS.values() if c and {m, c} <= runs}
+    return ["**On the whole split, over seeds**: the presets beside their controls from several seeds, interleaved (07b's "
+            "`bk seeds`), on one CPU kind; not all of its runs were timed alone (provenance below), so it gives no time per step:",
+            controls_section(study, pairs, timed=False), provenance_line(study)]
+
 # %% ../nbs/09c_results_page.ipynb #5c83ddef
 def controls_part(ref: Path) -> list[str]:
     "The models beside their controls (mixing removed) and the LSTM: over seeds at the quick budget; on the whole split"
@@ -117,7 +128,8 @@ def controls_part(ref: Path) -> list[str]:
             "**On the whole split**, one seed: the whole study's ResNet-BK and Transformer beside their controls and the LSTM "
             "(whole_controls), run on another CPU kind (its training seconds and throughput do not compare with the whole "
             "study's). ResNet-BK and the Transformer were run again beside them, on their kind, so that each mixer's gain "
-            "compares two runs of one kind:", whole_controls_section(ref), provenance_line(ref/"whole_controls")]
+            "compares two runs of one kind:", whole_controls_section(ref), provenance_line(ref/"whole_controls"),
+            *whole_seeds_part(ref)]
 
 # %% ../nbs/09c_results_page.ipynb #0598e839
 DESIGNS = {"design_quick": None, "design_quick_transformer": "design_quick_transformer_seeds"}  # study -> its winner's seeds
