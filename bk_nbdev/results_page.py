@@ -161,8 +161,9 @@ def design_part(ref: Path) -> list[str]:
 def track_part(ref: Path) -> list[str]:
     "The long-context track (09a): per budget, each model at each length, then its seeds studies, with provenance"
     out = ["## Long context", f"The Transformer, ResNet-BK, their controls and the LSTM at N = 128, 2,048 and 16,384 with "
-           f"{TRACK_TOKENS:,} tokens per step (batch 128, 8 and 1), the Transformer with whole attention weights (03's "
-           "`attn_dropout`); the time to quality is to the Transformer's final validation perplexity at the same length."]
+           f"{TRACK_TOKENS:,} tokens per step (batch 128, 8 and 1), each model through its fastest exact kernels: the Transformer with whole attention weights "
+           "(03's `attn_dropout`: O(N)-memory attention), ResNet-BK through BK-Core's compiled kernels and their adjoint (01's "
+           "`use_analytic_gradient`); the time to quality is to the Transformer's final validation perplexity at the same length."]
     for budget, (name, _) in TRACK_STUDIES.items():
         done = (ref/name/"provenance.json").exists()
         out += [f"**The {TRACK_BUDGETS[budget]}.**",

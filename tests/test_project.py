@@ -194,6 +194,14 @@ def test_notebooks_committed_with_outputs(nb):
     assert not churn, f"{nb.name}: outputs hold machine paths, addresses or timestamps: {churn}"
 
 
+def test_published_results_hold_no_machine_paths():
+    "results/reference names its files by paths inside the checkout: no absolute path, no output folder outside the repository"
+    leak = re.compile(r"/tmp/|/work/|/home/|/root/|/Users/|\.\./\.\./")
+    found = {str(f.relative_to(ROOT)): m.group(0) for f in (ROOT / "results" / "reference").rglob("*")
+             if f.suffix in (".json", ".ipynb", ".csv") and (m := leak.search(f.read_text()))}
+    assert not found, f"machine paths in published results (publish with paths relative to the checkout): {found}"
+
+
 def test_readme_and_results_md_are_rendered_from_the_reference_json():
     "Every number of the README's answer and of RESULTS.md comes from results/reference (bk report)"
     from bk_nbdev.report import answer_section
