@@ -360,12 +360,12 @@ def head_loss(self: EarlyExit, model: nn.Module, targets: Tensor, nll: Tensor) -
 # %% ../nbs/04_architecture.ipynb #cd5f0559
 @patch
 def forward(self: ConfigurableResNetBK, tokens: Tensor, targets: Tensor | None = None,
-            exit_threshold: float | None = None) -> Tensor:
+            exit_threshold: float | None = None, positions: Tensor | None = None) -> Tensor:
     "As `CausalLM`; with `exit_threshold`, each token leaves at its first exit whose decision reaches it"
-    if exit_threshold is None: return ResNetBKLM.forward(self, tokens, targets)
+    if exit_threshold is None: return ResNetBKLM.forward(self, tokens, targets, positions)
     if "early_exit" not in self.ext: raise ValueError("exit_threshold needs a model built with use_early_exit=True")
     if not 0 < exit_threshold <= 1: raise ValueError(f"exit_threshold must be in (0, 1], got {exit_threshold}")
     e = self.ext["early_exit"]
     e.threshold = exit_threshold
-    try: return ResNetBKLM.forward(self, tokens, targets)
+    try: return ResNetBKLM.forward(self, tokens, targets, positions)
     finally: e.threshold = None

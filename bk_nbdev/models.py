@@ -146,10 +146,15 @@ def nll(self: CausalLM, x: Tensor, targets: Tensor) -> Tensor:
     return self.head(self.ln_f(x), targets)
 
 @patch
-def forward(self: CausalLM, tokens: Tensor, targets: Tensor | None = None) -> Tensor:
+def forward(self: CausalLM,
+            tokens: Tensor,                  # (B, N) token ids
+            targets: Tensor | None = None,   # (B, N): each token's cross-entropy instead of the logits
+            positions: Tensor | None = None, # indices along N: the head runs on these positions only
+           ) -> Tensor:
     "Logits (B, N, V); given `targets`, each token's cross-entropy (B, N) instead, never materializing the logits"
     self.aux, self._stats = {}, {}
     x = self.body(self.embed(tokens))
+    if positions is not None: x, targets = x[:, positions], None if targets is None else targets[:, positions]
     return self.logits(x) if targets is None else self.nll(x, targets)
 
 # %% ../nbs/03_models.ipynb #c0569e18

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 from .compression import enable_qat, pruning_schedule, start_pruning, prune_to
 from .curves import LossWindow, add_point, eval_steps, validation_subset
 from .data import Corpus, EOS, batchify
-from .evaluation import evaluate
+from .evaluation import evaluate, forward_flops
 from .flops import FLOPsCounter
 from .runtime import atomic_write_bytes, all_sum, dist_info, state_bytes
-from .training_flags import autocast, epoch_lengths, keep_windows, precision, run_steps, window_batch, window_losses
+from .training_flags import (autocast, epoch_lengths, keep_windows, precision, run_steps, score_positions,
+                                     window_batch, window_losses)
 
 # %% auto #0
 __all__ = ['TRAIN_FLAGS', 'OBSERVE_FIELDS', 'TrainConfig', 'train_streams', 'warmup_cosine', 'TrainResult', 'TrainRun',
@@ -71,6 +72,7 @@ class TrainConfig:
     use_active_learning: bool = False
     pool_factor: int = 2             # active learning trains each epoch on 1/pool_factor of the windows, pool_factor times
     active_selection: str = "loss"   # which windows: 'loss' (the hardest) or 'random' (the control)
+    score_sample: float = 1.0        # share of each window's positions, drawn anew each epoch, whose loss scores it (04b)
     log_every: int = 10              # steps between training points of the curve (04d)
     evals_per_epoch: int = 4         # validation points per epoch, the last at its end (04d)
     val_tokens: int = 32768          # validation tokens of those points (0: the whole split)
@@ -88,6 +90,7 @@ class TrainConfig:
         if self.val_tokens < 0: raise ValueError(f"val_tokens must be >= 0 (0: the whole split), got {self.val_tokens}")
         if self.active_selection not in ("loss", "random"):
             raise ValueError(f"active_selection must be 'loss' or 'random', got {self.active_selection!r}")
+        if not 0 < self.score_sample <= 1: raise ValueError(f"score_sample must be in (0, 1], got {self.score_sample}")
         if self.quant_bits not in (4, 8): raise ValueError(f"quant_bits must be 4 or 8, got {self.quant_bits!r}")
         if not 0 < self.prune_target < 1: raise ValueError(f"prune_target must be in (0, 1), got {self.prune_target}")
         if not 0 < self.curriculum_fraction <= 1:
@@ -313,13 +316,14 @@ def validate_subset(run: TrainRun, at: dict) -> float:
 def active_plan(run: TrainRun, steps: int) -> tuple[torch.Tensor, int]:
     "Active learning's epoch: the windows of its `steps` batches (the kept ones, shuffled and cycled), and the scoring FLOPs"
     cfg, B, W = run.cfg, run.local_batch, run.budget // run.cfg.n_seq
-    data = run.data[:, : W * cfg.n_seq + 1]
-    losses = window_losses(run.model, data, cfg.n_seq, run.amp_dtype) if cfg.active_selection == "loss" else None
+    data, score = run.data[:, : W * cfg.n_seq + 1], cfg.active_selection == "loss"
+    pos = score_positions(cfg.n_seq, cfg.score_sample) if score else None
+    losses = window_losses(run.model, data, cfg.n_seq, run.amp_dtype, pos) if score else None
     kept = keep_windows(B * W, max(1, B * W // cfg.pool_factor), losses)
     order = torch.cat([kept[torch.randperm(len(kept))] for _ in range(-(-steps * B // len(kept)))])[: steps * B]
     run.result.windows_seen = sorted(set(run.result.windows_seen) | set(order.tolist()))
-    scoring = 0 if losses is None else W * run.flops_of(data[:, : cfg.n_seq], data[:, 1 : cfg.n_seq + 1]).forward
-    return order, scoring
+    x, y = data[:, : cfg.n_seq], data[:, 1 : cfg.n_seq + 1]
+    return order, W * forward_flops(run.model, x, y, positions=pos) if score else 0
 
 # %% ../nbs/05_training.ipynb #e5c78d55
 def epoch_batches(run: TrainRun, lengths: list[int]) -> tuple[Iterator, int]:

@@ -15,7 +15,7 @@ from .head import bf16_is_fast
 
 # %% auto #0
 __all__ = ['autocast_dtype', 'precision', 'autocast', 'curriculum_length', 'epoch_lengths', 'run_steps', 'window_losses',
-           'keep_windows', 'window_batch']
+           'score_positions', 'keep_windows', 'window_batch']
 
 # %% ../nbs/04b_training_flags.ipynb #0e476210
 def autocast_dtype(device: str | torch.device) -> torch.dtype | None:
@@ -65,15 +65,28 @@ def run_steps(total_steps: int, n_seq: int, budget: int, epochs: int, curriculum
     return step
 
 # %% ../nbs/04b_training_flags.ipynb #d93e82bf
-def window_losses(model: nn.Module, data: torch.Tensor, n_seq: int, amp_dtype=None) -> torch.Tensor:
-    "Mean loss (R, W) of each n_seq-token window of streams `data` (R, W·n_seq + 1) under `model` (eval, no gradients)"
+def window_losses(model: nn.Module,  # any `CausalLM`
+                  data: torch.Tensor,  # streams (R, W·n_seq + 1)
+                  n_seq: int,  # the window's length
+                  amp_dtype=None,  # the autocast dtype of the run (None: float32)
+                  positions: torch.Tensor | None = None,  # the positions of each window that score it (None: all)
+                 ) -> torch.Tensor:
+    "Mean loss (R, W) of each n_seq-token window of `data` over its `positions` under `model` (eval, no gradients)"
     W = (data.shape[1] - 1) // n_seq
     model.eval()
     with torch.no_grad(), autocast(data.device, amp_dtype):
-        out = [model(data[:, w * n_seq : (w + 1) * n_seq], data[:, w * n_seq + 1 : (w + 1) * n_seq + 1]).float().mean(1)
-               for w in range(W)]
+        out = [model(data[:, w * n_seq : (w + 1) * n_seq], data[:, w * n_seq + 1 : (w + 1) * n_seq + 1],
+                     positions=positions).float().mean(1) for w in range(W)]
     model.train()
     return torch.stack(out, 1)
+
+# %% ../nbs/04b_training_flags.ipynb #8996e43a
+def score_positions(n_seq: int, # the window's length
+                    share: float, # the share of its positions that score it
+                   ) -> torch.Tensor | None:
+    "Sorted indices of a random `share` of a window's n_seq positions (None: every position)"
+    if not 0 < share <= 1: raise ValueError(f"score_sample must be in (0, 1], got {share}")
+    return None if share == 1 else torch.randperm(n_seq)[: max(1, round(share * n_seq))].sort().values
 
 # %% ../nbs/04b_training_flags.ipynb #5a00e924
 def keep_windows(n: int, keep: int, losses: torch.Tensor | None = None) -> torch.Tensor:
