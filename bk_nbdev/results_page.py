@@ -9,9 +9,9 @@ from __future__ import annotations
 import json, re
 from pathlib import Path
 
-from bk_nbdev.report import (
+from .report import (
     CONTROLS, RUNS, TRACK_BUDGETS, TRACK_SEEDS, TRACK_STUDIES, WHOLE_SEEDS, answer_section, budget_line, controls_summary,
-    run_of)
+    run_of, seeds_study)
 from .results import load_runs, project_root, resolved
 from .runtime import atomic_write_bytes
 from .tables import (
@@ -20,9 +20,9 @@ from .tables import (
     seeds_table, sweep_section, track_run, track_section, trials_section)
 
 # %% auto #0
-__all__ = ['EXIT_SAMPLE_RUNS', 'DESIGNS', 'plot_sweep', 'budget_part', 'mean_training_time', 'exit_sample_line', 'ablation_part',
-           'scaling_part', 'whole_controls_section', 'whole_seeds_part', 'controls_part', 'winner_line', 'design_part',
-           'track_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+__all__ = ['SAMPLE_STUDIES', 'DESIGNS', 'plot_sweep', 'budget_part', 'mean_training_time', 'sample_line', 'sample_part',
+           'ablation_part', 'scaling_part', 'whole_controls_section', 'whole_seeds_part', 'controls_part',
+           'winner_line', 'design_part', 'track_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/09c_results_page.ipynb #d1c61927
 def plot_sweep(study: Path) -> Path:
@@ -52,29 +52,46 @@ def budget_part(study: Path, title: str) -> list[str]:
             "own claim is in the ablation below):", claims_section(study, full, tr), provenance_line(study)]
 
 # %% ../nbs/09c_results_page.ipynb #581e0c30
-EXIT_SAMPLE_RUNS = ("full_quick_exits_all", "full_quick_exits_8th", "transformer_quick")  # every position, an eighth, the clock
+SAMPLE_STUDIES = {  # full's field: its seeds study; the runs with every position, with an eighth, and the clock; the why
+    "exit_sample": ("exit_sample_seeds", ("full_quick_exits_all", "full_quick_exits_8th", "transformer_quick"),
+                    "**`full`'s exits: every position or an eighth.** Early exit trains three extra heads per step"),
+    "score_sample": ("score_sample_seeds", ("full_quick_scores_all", "full_quick_scores_8th", "transformer_quick"),
+                     "**Active learning's scoring: every position or an eighth.** Before each epoch active learning scores "
+                     "every window of it, a forward pass whose head runs on every position")}
 
 def mean_training_time(study: Path, run: str) -> float:
     "Mean training seconds of the seeds of `run` (a preset) in a seeds study"
     ts = [r["training_time"] for r in load_runs(study) if re.sub(r"_seed\d+$", "", r["model_name"]).endswith(run)]
     return sum(ts) / len(ts)
 
-def exit_sample_line(study: Path) -> str:
-    "The choice of full's exit_sample from a seeds study of `EXIT_SAMPLE_RUNS`, by the rule above"
+# %% ../nbs/09c_results_page.ipynb #96fe5c5c
+def sample_line(study: Path, field: str) -> str:
+    "The choice of full's `field` (a key of `SAMPLE_STUDIES`) from the seeds study at `study`, by the rule above"
+    runs = SAMPLE_STUDIES[field][1]
     s = {r["run"]: r for r in json.loads((study/"seed_summary.json").read_text())}
-    every, eighth, tr = (s[n] for n in EXIT_SAMPLE_RUNS)
+    every, eighth = s[runs[0]], s[runs[1]]
     dv, bv, worse = resolved(eighth, every, "val_ppl")
     dt, bt, faster = resolved(eighth, every, "seconds_per_step")
     adopt = not (worse and dv > 0) and faster and dt < 0
-    x = lambda run: mean_training_time(study, run) / mean_training_time(study, EXIT_SAMPLE_RUNS[2])
+    x = lambda run: mean_training_time(study, run) / mean_training_time(study, runs[2])
     return (f"An eighth against every position: validation perplexity {dv:+,.1f} (2σ of a difference: {bv:,.1f}), "
-            f"{dt:+.3f} s/step ({bt:.3f}); training time {x(EXIT_SAMPLE_RUNS[0]):.2f}× the Transformer's with every "
-            f"position, {x(EXIT_SAMPLE_RUNS[1]):.2f}× with an eighth (means over the seeds). By the rule, "
-            f"{'`full` takes an eighth' if adopt else '`full` keeps every position'}.")
+            f"{dt:+.3f} s/step ({bt:.3f}); training time {x(runs[0]):.2f}× the Transformer's with every "
+            f"position, {x(runs[1]):.2f}× with an eighth (means over the seeds). By the rule, `full` sets "
+            f"{field} = {'0.125' if adopt else '1'}.")
+
+# %% ../nbs/09c_results_page.ipynb #6de729ba
+def sample_part(ref: Path, field: str) -> list[str]:
+    "The seeds study of full's `field` (a key of `SAMPLE_STUDIES`): why, the rule, the table, the choice, provenance"
+    name, _, why = SAMPLE_STUDIES[field]
+    return [f"{why}; an eighth of the positions against all of them, over three seeds interleaved with the Transformer "
+            "(07b), decided by a rule fixed before the runs: an eighth, if its validation perplexity is not worse beyond "
+            "the seeds' spread and its time per step is lower beyond it:",
+            seeds_table(json.loads((ref/name/"seed_summary.json").read_text())), sample_line(ref/name, field),
+            provenance_line(ref/name)]
 
 # %% ../nbs/09c_results_page.ipynb #db7e8cf7
 def ablation_part(ref: Path) -> list[str]:
-    "07's ablation with early exit's inference curve, the seeds study of the presets and that of the ablation's rows"
+    "07's ablation with early exit's inference curve, the seeds studies of the presets, of the ablation's rows and of full's two shares"
     return ["## The ablation", "07's ablation at the quick budget, every row from the same base and seed:",
             ablation_section(ref/"ablation"),
             "**Early exit at inference**, the ablation's early-exit row over its exit threshold (validation split):",
@@ -84,11 +101,7 @@ def ablation_part(ref: Path) -> list[str]:
             "**Seeds of the ablation.** Every row within 5% of the base's test perplexity, from three seeds, interleaved (07b); "
             "a difference from the base is resolved when it is larger than two standard deviations of a difference:",
             seeds_section(ref/"ablation_seeds", "base"), provenance_line(ref/"ablation_seeds"),
-            "**`full`'s exits: every position or an eighth.** Early exit trains three extra heads per step; an eighth of "
-            "the positions against all of them, over three seeds interleaved with the Transformer (07b), decided by a rule "
-            "fixed before the runs: an eighth, if its validation perplexity is not worse beyond the seeds' spread and its "
-            "time per step is lower beyond it:", seeds_table(json.loads((ref/"exit_sample_seeds"/"seed_summary.json").read_text())),
-            exit_sample_line(ref/"exit_sample_seeds"), provenance_line(ref/"exit_sample_seeds")]
+            *sample_part(ref, "exit_sample"), *sample_part(ref, "score_sample")]
 
 # %% ../nbs/09c_results_page.ipynb #85c544be
 def scaling_part(ref: Path) -> list[str]:
@@ -110,9 +123,8 @@ def whole_controls_section(ref: Path) -> str:
 # %% ../nbs/09c_results_page.ipynb #de6c7199
 def whole_seeds_part(ref: Path) -> list[str]:
     "The whole split over seeds (whole_seeds), where run: the seeds table, each model's difference from its control, provenance"
-    if not (study := ref/"whole_seeds").exists(): return []
-    runs = {r["run"] for r in json.loads((study/"seed_summary.json").read_text())}
-    pairs = {m: c for m, c in WHOLE_SEEDS.values() if c and {m, c} <= runs}
+    if (seeded := seeds_study(study := ref/"whole_seeds", WHOLE_SEEDS)) is None: return []
+    pairs = dict(WHOLE_SEEDS[m] for m in seeded[2])  # each seeded model's run -> its seeded control's
     return ["**On the whole split, over seeds**: the presets beside their controls from several seeds, interleaved (07b's "
             "`bk seeds`), on one CPU kind; not all of its runs were timed alone (provenance below), so it gives no time per step:",
             controls_section(study, pairs, timed=False), provenance_line(study)]
