@@ -46,12 +46,13 @@ def fused_linear_ce(
     bias: Tensor | None,    # (V,) head bias
     targets: Tensor,        # (T,) target ids (ignore_index: ignored)
     ignore_index: int = -100,
-    chunk_size: int = 256,  # tokens per chunk: the buffer is chunk_size x V
+    chunk_size: int = 256,  # tokens per chunk (half as many in low precision): the buffer is chunk_size x V
     low_precision: bool = False, # bf16 inputs to the matrix products
     with_grad: bool = True, # also return the gradients of sum(nll)
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     "Per-token NLL of softmax(h Wᵀ + b) and the gradients of its sum for h, W, b (empty without grad)"
     (T, d), V, cdt = h.shape, weight.shape[0], torch.bfloat16 if low_precision else h.dtype
+    if low_precision: chunk_size = max(1, chunk_size // 2)  # its two buffers: 3/4 of one fp32 buffer
     hc, Wc = h.to(cdt), weight.to(cdt)
     nll, gh = h.new_empty(T), h.new_empty(T, d) if with_grad else h.new_empty(0)
     gW = h.new_zeros(V, d) if with_grad else h.new_empty(0)

@@ -21,8 +21,8 @@ from .head import LMHead, AdaptiveHead
 # %% auto #0
 __all__ = ['LM_HEADS', 'MIXERS', 'BK_HOPPINGS', 'BK_READOUTS', 'ModelConfig', 'make_head', 'make_config', 'TransformerConfig',
            'ResNetBKConfig', 'CausalLM', 'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'MoEFFN',
-           'BKMixer', 'ResNetBKLayer', 'ResNetBKBlock', 'ResNetBKLM', 'mixer_memory', 'LSTMConfig', 'LSTMLM',
-           'check_causal', 'expected_params', 'train_steps']
+           'expert_rows', 'BKMixer', 'ResNetBKLayer', 'ResNetBKBlock', 'ResNetBKLM', 'mixer_memory', 'LSTMConfig',
+           'LSTMLM', 'check_causal', 'expected_params', 'train_steps']
 
 # %% ../nbs/03_models.ipynb #7ba064f1
 LM_HEADS = ("fused", "unfused", "adaptive")
@@ -216,7 +216,7 @@ class TransformerLM(CausalLM):
 # %% ../nbs/03_models.ipynb #91c16b72
 class MoEFFN(nn.Module):
     "Top-k mixture of experts; gates are softmax probabilities over all experts"
-    row_multiple = 16  # expert batches are padded to a multiple of this many rows (see below)
+    row_multiple = 16  # the smallest height of an expert's chunk (see below)
 
     def __init__(self, d: int, num_experts: int = 4, top_k: int = 1, dropout: float = 0.1):
         super().__init__()
@@ -224,6 +224,15 @@ class MoEFFN(nn.Module):
         self.router = nn.Linear(d, num_experts)
         self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Dropout(dropout),
                                                    nn.Linear(2 * d, d)) for _ in range(num_experts))
+
+
+# %% ../nbs/03_models.ipynb #9efeb36c
+def expert_rows(n: int,              # tokens routed to the expert
+                multiple: int = 16,  # the smallest height, and the step of heights in fp32
+                bucket: bool = False # heights are powers of two (under mixed precision)
+               ) -> int:
+    "Rows a chunk of `n` tokens is padded to"
+    return max(multiple, 1 << (n - 1).bit_length()) if bucket else n + (-n % multiple)
 
 
 # %% ../nbs/03_models.ipynb #37635f7a
@@ -239,10 +248,11 @@ def forward(self: MoEFFN, x: Tensor) -> tuple[Tensor, Tensor]:
     token_of = order // self.top_k                              # token of each sorted (token, slot) pair
     counts = torch.bincount(flat_idx, minlength=E)
     sizes = counts.tolist()                                     # the one host transfer
-    out = torch.zeros_like(x)
+    out, bucket = torch.zeros_like(x), torch.is_autocast_enabled(x.device.type)
     for e, (tok, g) in enumerate(zip(token_of.split(sizes), gate.flatten()[order].split(sizes))):
         if not len(tok): continue
-        padded = F.pad(tok, (0, -len(tok) % self.row_multiple))  # pad with token 0; padded rows are dropped
+        rows = expert_rows(len(tok), self.row_multiple, bucket)
+        padded = F.pad(tok, (0, rows - len(tok)))  # pad with token 0; padded rows are dropped
         out.index_add_(0, tok, (self.experts[e](x[padded])[: len(tok)] * g[:, None]).to(out.dtype))  # autocast
     frac = counts.to(x.dtype) / flat_idx.numel()
     balance = E * (frac * probs.mean(0)).sum()
