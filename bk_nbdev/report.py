@@ -16,12 +16,12 @@ from .tables import (
 
 # %% auto #0
 __all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'MIXER_OF', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS',
-           'WHOLE_SEEDS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet',
-           'track_sentence', 'controls_summary', 'seeded', 'seeded_gain', 'controls_bullet', 'mark_unresolved',
-           'seeded_rows', 'seeded_group', 'seeds_study', 'track_seeds', 'track_seeded_groups', 'seeds_sentence',
-           'track_seeds_sentence', 'gain_on_one_kind', 'whole_group', 'whole_gains', 'whole_seeded_groups',
-           'whole_seeds_sentence', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'main_job_cost',
-           'superseded_line', 'answer_section']
+           'WHOLE_SEEDS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'same_kind', 'whole_bullet',
+           'scaling_bullet', 'track_sentence', 'controls_summary', 'seeded', 'seeded_gain', 'controls_bullet',
+           'mark_unresolved', 'seeded_rows', 'seeded_group', 'seeds_study', 'track_seeds', 'track_seeded_groups',
+           'seeds_sentence', 'track_seeds_sentence', 'gain_on_one_kind', 'whole_group', 'whole_gains',
+           'whole_seeded_groups', 'whole_seeds_sentence', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table',
+           'main_job_cost', 'superseded_line', 'answer_section']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
 RUNS = {"quick": ("resnet_bk_full_quick", "resnet_bk_baseline_quick", "transformer_quick"),  # study -> (full, baseline, Transformer)
@@ -70,16 +70,23 @@ def quick_bullet(ref: Path) -> str:
             f"({x:.2f}×); over {a['seeds']} seeds {a['test_ppl']:,.1f} ± {a['test_ppl_sd']:,.1f} against "
             f"{b['test_ppl']:,.1f} ± {b['test_ppl_sd']:,.1f}, a difference {'beyond' if ok else 'within'} the seeds' spread.")
 
+# %% ../nbs/09b_report.ipynb #e8cbe3a5
+def same_kind(*runs: dict) -> bool:
+    "Whether `runs` ran on one CPU kind (`machine_of` their metadata), so that their seconds compare"
+    return len({machine_of(r["metadata"]) for r in runs}) == 1
+
 # %% ../nbs/09b_report.ipynb #952235a9
 def whole_bullet(ref: Path) -> str:
     "The baseline, then `full`, against the Transformer on the whole training split, with what `full` costs"
     w, (full, base, tr) = ref/"whole", RUNS["whole"]
     x, f, t = ratio(w, base), run_of(w, full), run_of(w, tr)
     mem = f["peak_memory_mb"] / t["peak_memory_mb"] - 1
+    cost = (f"{f['training_time'] / t['training_time']:.2f}× the Transformer's training time" if same_kind(f, t) else
+            f"{f['total_training_flops'] / t['total_training_flops']:.2f}× the Transformer's training FLOPs (its seconds, "
+            "on another CPU kind, do not compare)")
     return (f"**Trained on the whole split it {verdict(x)}.** {budget_line(w, short=True)}: test perplexity "
             f"{run_of(w, base)['test_perplexity']:,.1f} against {t['test_perplexity']:,.1f} ({x:.2f}×). With all twelve "
-            f"optimizations (`full`) {f['test_perplexity']:,.1f} ({ratio(w, full):.2f}×), at "
-            f"{f['training_time'] / t['training_time']:.2f}× the Transformer's training time and "
+            f"optimizations (`full`) {f['test_perplexity']:,.1f} ({ratio(w, full):.2f}×), at {cost} and "
             f"{abs(mem):.0%} {'more' if mem > 0 else 'less'} peak memory.")
 
 # %% ../nbs/09b_report.ipynb #83ffddb1
@@ -314,15 +321,17 @@ def claims_table(ref: Path) -> str:
 
 # %% ../nbs/09b_report.ipynb #3515c12b
 def main_job_cost(ref: Path) -> str:
-    "The main job's wall-clock on the whole study's CPU: per model, its whole run and of it training, and the total"
+    "The main job's wall-clock: per model, its whole run and of it training, and the total where all ran on one CPU kind"
     w, (full, base, tr) = ref/"whole", RUNS["whole"]
     runs = {label: run_of(w, n) for label, n in (("the Transformer", tr), ("ResNet-BK", base), ("`full`", full))}
     took = {label: json.loads((w/"wikitext2"/f"{r['model_name']}_benchmark.ipynb").read_text())["metadata"]["papermill"]["duration"]
             for label, r in runs.items()}
-    meta = runs["the Transformer"]["metadata"]
-    return (f"**What the main job costs** (`bk run transformer baseline full`, {budget_line(w, short=True)}, on "
-            f"{machine_of(meta)}, {meta['threads']} threads): {sum(took.values()) / 3600:.2f} h — " +
-            ", ".join(f"{label} {took[label]:,.0f} s ({r['training_time']:,.0f} s of it training)" for label, r in runs.items()) + ".")
+    one, meta = same_kind(*runs.values()), runs["the Transformer"]["metadata"]
+    where = (f"on {machine_of(meta)}, {meta['threads']} threads): {sum(took.values()) / 3600:.2f} h —" if one else
+             f"{meta['threads']} threads; on different CPU kinds, so no total):")
+    return (f"**What the main job costs** (`bk run transformer baseline full`, {budget_line(w, short=True)}, {where} " +
+            ", ".join(f"{label} {took[label]:,.0f} s ({r['training_time']:,.0f} s of it training)" +
+                      ("" if one else f" on {machine_of(r['metadata'])}") for label, r in runs.items()) + ".")
 
 # %% ../nbs/09b_report.ipynb #6dcaf9d5
 def superseded_line(ref: Path) -> str:

@@ -114,13 +114,13 @@ def ratio_words(x: float, less: str, more: str) -> str:
     return f"{x:.2f}× {less}" if x >= 1 else f"{1 / x:.2f}× {more}"
 
 # %% ../nbs/09a_tables.ipynb #ada1fcc0
-def time_claim(f: dict, t: dict, same_machine: bool = True) -> list:
-    "The training-time claim of run `f` against `t`: seconds on one machine, else training FLOPs and no verdict (None)"
-    if same_machine:
+def time_claim(f: dict, t: dict) -> list:
+    "The training-time claim of run `f` against `t`: seconds on one CPU kind, else training FLOPs and no verdict (None)"
+    if machine_of(f["metadata"]) == machine_of(t["metadata"]):
         speed = t["training_time"] / f["training_time"]
         return ["training time", "5–10× less", ratio_words(speed, "less", "more"), speed >= 5]
     flops = t["total_training_flops"] / f["total_training_flops"]
-    return ["training time", "5–10× less", "not comparable: the runs ran on different machines (training FLOPs: "
+    return ["training time", "5–10× less", "not comparable: the runs ran on different CPU kinds (training FLOPs: "
             f"{ratio_words(flops, 'fewer', 'more')})", None]
 
 # %% ../nbs/09a_tables.ipynb #faabcee6
@@ -135,24 +135,22 @@ def artifact_claim(study: Path, f: dict, t: dict) -> list[list]:
              f"{fm['artifact_test_perplexity']:,.1f} after loading", alike >= 4]]
 
 # %% ../nbs/09a_tables.ipynb #e7ab8525
-def claims_rows(study: Path, full: str, transformer: str,
-                same_machine: bool = True, # whether the two runs ran on one machine (else their seconds do not compare)
-               ) -> list[list]:
+def claims_rows(study: Path, full: str, transformer: str) -> list[list]:
     "The original's claims for model `full` against `transformer`, measured in `study`: [claim, promised, measured, held]"
     runs = {r["model_name"]: r for r in load_runs(study)}
     f, t = runs[full], runs[transformer]
     ppl = f["test_perplexity"] / t["test_perplexity"]
     mem, size = 1 - f["peak_memory_mb"] / t["peak_memory_mb"], t["model_size_mb"] / f["model_size_mb"]
     rows = [["test perplexity", "within 30% (≤ 1.3×)", f"{ppl:.2f}×", ppl <= 1.3],
-            time_claim(f, t, same_machine),
+            time_claim(f, t),
             ["peak memory", "30–50% less", f"{mem:.0%} less" if mem >= 0 else f"{-mem:.0%} more", mem >= 0.3],
             ["size (state dict)", "4–100× smaller", ratio_words(size, "smaller", "larger"), size >= 4]]
     return rows + artifact_claim(study, f, t)
 
 # %% ../nbs/09a_tables.ipynb #50a2912b
-def claims_section(study: Path, full: str, transformer: str, same_machine: bool = True) -> str:
+def claims_section(study: Path, full: str, transformer: str) -> str:
     "`claims_rows` as a Markdown table, with yes, no or - (not judged) under 'held'"
-    rows = claims_rows(study, full, transformer, same_machine)
+    rows = claims_rows(study, full, transformer)
     return md_table(["claim", "promised", "measured", "held"], [[*r[:3], {True: "yes", False: "no", None: "-"}[r[3]]] for r in rows])
 
 # %% ../nbs/09a_tables.ipynb #79d55851
