@@ -304,12 +304,14 @@ def wins_table(ref: Path) -> str:
 
 # %% ../nbs/09b_report.ipynb #bf6ee210
 def claims_bullet(ref: Path) -> str:
-    "Which of the original's claims for `full` held at both budgets, at one, at neither"
+    "Which of the original's claims for `full` held at both budgets, at one, at neither, and which were not judged at one"
     q, w = (claims_rows(ref/s, RUNS[s][0], RUNS[s][2]) for s in ("quick", "whole"))
     held = {a[0]: (a[3], b[3]) for a, b in zip(q, w, strict=True)}
     which = lambda *v: ", ".join(k for k, x in held.items() if x in v) or "none"
+    unjudged = [k for k, x in held.items() if None in x]  # e.g. seconds of runs on different CPU kinds
     return (f"**Of the original's claims for `full`**, held at both budgets: {which((True, True))}; at one: "
-            f"{which((True, False), (False, True))}; at neither: {which((False, False))} (the table below).")
+            f"{which((True, False), (False, True))}; at neither: {which((False, False))}" +
+            (f"; not judged at one budget: {', '.join(unjudged)}" if unjudged else "") + " (the table below).")
 
 # %% ../nbs/09b_report.ipynb #58f43711
 def claims_table(ref: Path) -> str:
