@@ -21,7 +21,7 @@ from .data import load_corpus
 from .head import bf16_is_fast
 from .models import mixer_memory
 from .runtime import atomic_write_bytes, dist_info, init_distributed, resolve_device
-from .tables import machine_of
+from .tables import same_kind
 from .training import OBSERVE_FIELDS, TrainResult
 from .trainer import train
 from fastcore.basics import patch
@@ -212,7 +212,7 @@ def compare_results(self: WikiText2Benchmark, model1_name: str, model2_name: str
            "flops_speedup": speedup("total_flops_per_step"),
            "flops_speedup_without_head": speedup("total_flops_per_step_without_head"),
            "training_flops_speedup": speedup("total_training_flops"),
-           "time_speedup": speedup("training_time") if machine_of(a["metadata"]) == machine_of(b["metadata"]) else None,
+           "time_speedup": speedup("training_time") if same_kind(a, b) else None,
            "memory_reduction": reduction("peak_memory_mb"), "size_reduction": reduction("model_size_mb"),
            "note": "null means the denominator (model2's figure) was 0, or for time_speedup that the runs ran on different "
                    "CPU kinds (their seconds do not compare)"}

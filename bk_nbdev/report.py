@@ -12,16 +12,16 @@ from pathlib import Path
 from .results import load_runs, quality_target, resolved, transformer_of
 from .tables import (
     TRACK, TRACK_FIGURES, TRACK_TOKENS, claims_rows, figure_cells, figures_of, gain_text, machine_of, md_table, ratio_words,
-    study_metadata, track_rows, track_run)
+    same_kind, study_metadata, track_rows, track_run)
 
 # %% auto #0
 __all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'MIXER_OF', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS',
-           'WHOLE_SEEDS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'same_kind', 'whole_bullet',
-           'scaling_bullet', 'track_sentence', 'controls_summary', 'seeded', 'seeded_gain', 'controls_bullet',
-           'mark_unresolved', 'seeded_rows', 'seeded_group', 'seeds_study', 'track_seeds', 'track_seeded_groups',
-           'seeds_sentence', 'track_seeds_sentence', 'gain_on_one_kind', 'whole_group', 'whole_gains',
-           'whole_seeded_groups', 'whole_seeds_sentence', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table',
-           'main_job_cost', 'superseded_line', 'answer_section']
+           'WHOLE_SEEDS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet',
+           'track_sentence', 'controls_summary', 'seeded', 'seeded_gain', 'controls_bullet', 'mark_unresolved',
+           'seeded_rows', 'seeded_group', 'seeds_study', 'track_seeds', 'track_seeded_groups', 'seeds_sentence',
+           'track_seeds_sentence', 'gain_on_one_kind', 'whole_group', 'whole_gains', 'whole_seeded_groups',
+           'whole_seeds_sentence', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'main_job_cost',
+           'superseded_line', 'answer_section']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
 RUNS = {"quick": ("resnet_bk_full_quick", "resnet_bk_baseline_quick", "transformer_quick"),  # study -> (full, baseline, Transformer)
@@ -69,11 +69,6 @@ def quick_bullet(ref: Path) -> str:
             f"{run_of(q, base)['test_perplexity']:,.1f} against the Transformer's {run_of(q, tr)['test_perplexity']:,.1f} "
             f"({x:.2f}×); over {a['seeds']} seeds {a['test_ppl']:,.1f} ± {a['test_ppl_sd']:,.1f} against "
             f"{b['test_ppl']:,.1f} ± {b['test_ppl_sd']:,.1f}, a difference {'beyond' if ok else 'within'} the seeds' spread.")
-
-# %% ../nbs/09b_report.ipynb #e8cbe3a5
-def same_kind(*runs: dict) -> bool:
-    "Whether `runs` ran on one CPU kind (`machine_of` their metadata), so that their seconds compare"
-    return len({machine_of(r["metadata"]) for r in runs}) == 1
 
 # %% ../nbs/09b_report.ipynb #952235a9
 def whole_bullet(ref: Path) -> str:

@@ -14,11 +14,11 @@ from .results import ablation_runs, ablation_table, load_runs, quality_target, r
 
 # %% auto #0
 __all__ = ['TRACK', 'TRACK_TOKENS', 'TRACK_FIGURES', 'md_table', 'sweep_section', 'trials_section', 'models_section',
-           'chosen_section', 'machine_of', 'study_metadata', 'provenance_line', 'presets_section', 'ratio_words',
-           'time_claim', 'artifact_claim', 'claims_rows', 'claims_section', 'reach_line', 'pct', 'ablation_section',
-           'exit_section', 'seeds_table', 'difference', 'seeds_section', 'controls_section', 'scaling_section',
-           'crossover_line', 'track_run', 'seconds_to', 'figures_of', 'track_rows', 'gain_text', 'figure_cells',
-           'track_section']
+           'chosen_section', 'machine_of', 'same_kind', 'study_metadata', 'provenance_line', 'presets_section',
+           'ratio_words', 'time_claim', 'artifact_claim', 'claims_rows', 'claims_section', 'reach_line', 'pct',
+           'ablation_section', 'exit_section', 'seeds_table', 'difference', 'seeds_section', 'controls_section',
+           'scaling_section', 'crossover_line', 'track_run', 'seconds_to', 'figures_of', 'track_rows', 'gain_text',
+           'figure_cells', 'track_section']
 
 # %% ../nbs/09a_tables.ipynb #e80594d2
 def md_table(header: list[str], rows: list[list]) -> str:
@@ -78,6 +78,11 @@ def machine_of(meta: dict) -> str:
     cpu = f"{meta['cpu']} with {meta['cpu_capability']}" if "cpu_capability" in meta else meta["device_name"]
     return f"{cpu} ({meta['device']})"
 
+# %% ../nbs/09a_tables.ipynb #e8cbe3a5
+def same_kind(*runs: dict) -> bool:
+    "Whether `runs` ran on one CPU kind (`machine_of` their metadata), so that their seconds compare"
+    return len({machine_of(r["metadata"]) for r in runs}) == 1
+
 # %% ../nbs/09a_tables.ipynb #7188c4d7
 def study_metadata(study: Path) -> list[dict]:
     "The metadata of each run of `study`, or, for a study without runs, the one its provenance.json records"
@@ -116,7 +121,7 @@ def ratio_words(x: float, less: str, more: str) -> str:
 # %% ../nbs/09a_tables.ipynb #ada1fcc0
 def time_claim(f: dict, t: dict) -> list:
     "The training-time claim of run `f` against `t`: seconds on one CPU kind, else training FLOPs and no verdict (None)"
-    if machine_of(f["metadata"]) == machine_of(t["metadata"]):
+    if same_kind(f, t):
         speed = t["training_time"] / f["training_time"]
         return ["training time", "5–10× less", ratio_words(speed, "less", "more"), speed >= 5]
     flops = t["total_training_flops"] / f["total_training_flops"]
