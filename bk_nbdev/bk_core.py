@@ -465,10 +465,36 @@ def _backward_torch(grad_G, beta, G, left, right, causal):
         lam_d = lam_d + torch.stack(lam_e, 1) - mu
     return lam_d, gb if given.numel() else torch.zeros_like(given)
 
+# %% ../nbs/01_bk_core.ipynb #9af8baef
+def _check_finite(name, t):
+    "Refuse inf or NaN in t, in one pass over it: its smallest and largest values (NaN propagates to both)"
+    lo, hi = torch.aminmax(torch.view_as_real(t) if t.is_complex() else t) if t.numel() else (t.new_zeros(()),) * 2
+    if not (lo.isfinite() & hi.isfinite()):
+        raise ValueError(f"bk_core: {name} contains non-finite values (inf or NaN); the resolvent is only defined "
+                         "for finite input")
+
+# %% ../nbs/01_bk_core.ipynb #58bf8cbd
+def _check_shift(im_z: Tensor):
+    "Refuse Im z <= 0: above the real axis the resolvent exists and is bounded by 1/Im z"
+    if im_z.numel() and not (im_z > 0).all():
+        raise ValueError(f"bk_core: Im z must be > 0 (the resolvent is then bounded by 1/Im z), got Im z = "
+                         f"{im_z.min().item():g}")
+
+# %% ../nbs/01_bk_core.ipynb #ffbd43c8
+def _check_real_input(v: Tensor, z: Tensor, beta: Tensor):
+    "What `resolvent_diag_real` refuses: inf or NaN in v, z or b² (the squared off-diagonals), or Im z <= 0"
+    _check_finite("v", v); _check_finite("z", z); _check_shift(z.imag); _check_finite("b²", beta)
+
+# %% ../nbs/01_bk_core.ipynb #663be28a
+def _check_diagonal(alpha: Tensor, beta: Tensor):
+    "What `resolvent_diag` refuses: inf or NaN in α = v + h0 − z or b², or Im z = −Im α <= 0"
+    _check_finite("the diagonal v + h0 - z", alpha); _check_shift(-alpha.imag); _check_finite("b²", beta)
+
 # %% ../nbs/01_bk_core.ipynb #1f07bb96
 @torch.library.custom_op("bk_nbdev::resolvent_diag", mutates_args=())
 def resolvent_diag_op(alpha: Tensor, beta: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     "G (R, N) and the reciprocal left/right pivots (both empty when causal: then 1/d is G); an empty beta is b = 1"
+    _check_diagonal(alpha, beta)
     if alpha.is_cuda: return triton_forward(alpha, _ones_if_empty(beta, alpha), causal)
     return _forward_cpu(alpha, beta, causal)
 @resolvent_diag_op.register_fake
@@ -493,6 +519,7 @@ def _(grad_G, beta, G, left, right, causal, real):
 @torch.library.custom_op("bk_nbdev::resolvent_diag_real", mutates_args=())
 def resolvent_diag_real_op(v: Tensor, h0: float, z: Tensor, beta: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     "`resolvent_diag` of α = v + h0 − z: v real (R, N), z complex () or (R,)"
+    _check_real_input(v, z, beta)
     if v.is_cuda:
         alpha = _diagonal(v, h0, z)
         return triton_forward(alpha, _ones_if_empty(beta, alpha), causal)
@@ -518,21 +545,12 @@ def _backward(ctx, grad_G, grad_left, grad_right):
 resolvent_diag_op.register_autograd(_backward, setup_context=_setup_context)
 resolvent_diag_real_op.register_autograd(_backward, setup_context=_setup_context)
 
-# %% ../nbs/01_bk_core.ipynb #9af8baef
-def _check_finite(name, t):
-    "Refuse inf or NaN in t, in one pass over it: its smallest and largest values (NaN propagates to both)"
-    lo, hi = torch.aminmax(torch.view_as_real(t) if t.is_complex() else t) if t.numel() else (t.new_zeros(()),) * 2
-    if not (lo.isfinite() & hi.isfinite()):
-        raise ValueError(f"bk_core: {name} contains non-finite values (inf or NaN); the resolvent is only defined "
-                         "for finite input")
-
 # %% ../nbs/01_bk_core.ipynb #9f54b966
 def _beta(b: Tensor, R: int, N: int, dtype: torch.dtype) -> Tensor:
-    "The products b_i² of real off-diagonals b, (N−1,) or (R, N−1), checked, as (R, N−1) of complex `dtype`"
+    "The products b_i² of real off-diagonals b, (N−1,) or (R, N−1), shape-checked, as (R, N−1) of complex `dtype`"
     if not b.is_floating_point() or b.shape[-1] != N - 1 or b.dim() not in (1, 2) or (b.dim() == 2 and b.shape[0] != R):
         raise ValueError(f"bk_core: b must be a real floating tensor of shape ({N - 1},) or ({R}, {N - 1}), got "
                          f"{b.dtype} {tuple(b.shape)}")
-    _check_finite("b", b)
     return (b.to(torch.float64 if dtype == torch.complex128 else torch.float32) ** 2).to(dtype).expand(R, N - 1)
 
 # %% ../nbs/01_bk_core.ipynb #7de00430
@@ -555,18 +573,14 @@ def bk_core(
     if dtype not in (torch.complex64, torch.complex128):
         raise ValueError(f"bk_core: dtype must be torch.complex64 or torch.complex128, got {dtype}")
     rdt = torch.float64 if dtype == torch.complex128 else torch.float32
-    _check_finite("v", v)
     z = z.to(v.device) if isinstance(z, Tensor) else torch.tensor(complex(z), dtype=dtype, device=v.device)
     if not z.is_complex(): z = z.to(dtype)
     if z.dim() > 1 or (z.dim() == 1 and z.shape[0] != R):
         raise ValueError(f"bk_core: z must be a scalar or have shape ({R},), got {tuple(z.shape)}")
-    _check_finite("z", z)
-    if not (z.imag > 0).all():
-        raise ValueError(f"bk_core: Im z must be > 0 (the resolvent is then bounded by 1/Im z), got Im z = "
-                         f"{z.imag.min().item():g}")
     z = z.to(dtype)
     beta = _beta(b, R, N, dtype) if b is not None else z.new_empty(0)  # none: b = 1, which the kernels do not read
-    if not use_analytic_gradient:
+    if not use_analytic_gradient:  # the operators check values (inf, NaN, Im z): here the recurrence needs the checks
+        _check_real_input(v, z, beta)
         alpha = _diagonal(v, h0, z)
         return resolvent_diag_recurrence(alpha, _ones_if_empty(beta, alpha), causal)
     if z.requires_grad: return resolvent_diag_op(_diagonal(v, h0, z), beta.contiguous(), causal)[0]
