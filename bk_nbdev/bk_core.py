@@ -546,12 +546,40 @@ resolvent_diag_op.register_autograd(_backward, setup_context=_setup_context)
 resolvent_diag_real_op.register_autograd(_backward, setup_context=_setup_context)
 
 # %% ../nbs/01_bk_core.ipynb #9f54b966
+_REAL = {torch.complex64: torch.float32, torch.complex128: torch.float64}  # each complex dtype's real parts
+
 def _beta(b: Tensor, R: int, N: int, dtype: torch.dtype) -> Tensor:
     "The products b_i² of real off-diagonals b, (N−1,) or (R, N−1), shape-checked, as (R, N−1) of complex `dtype`"
     if not b.is_floating_point() or b.shape[-1] != N - 1 or b.dim() not in (1, 2) or (b.dim() == 2 and b.shape[0] != R):
         raise ValueError(f"bk_core: b must be a real floating tensor of shape ({N - 1},) or ({R}, {N - 1}), got "
                          f"{b.dtype} {tuple(b.shape)}")
-    return (b.to(torch.float64 if dtype == torch.complex128 else torch.float32) ** 2).to(dtype).expand(R, N - 1)
+    return (b.to(_REAL[dtype]) ** 2).to(dtype).expand(R, N - 1)
+
+# %% ../nbs/01_bk_core.ipynb #11b80ec4
+def _potential(v: Tensor) -> tuple[int, int]:
+    "The rows R and positions N of a potential v, checked: a real floating tensor (R, N) with R, N ≥ 1"
+    if not isinstance(v, Tensor) or v.dim() != 2 or v.is_complex() or not v.is_floating_point():
+        raise ValueError(f"bk_core: v must be a real floating tensor of shape (R, N), got "
+                         f"{type(v).__name__} {getattr(v, 'dtype', '')} {tuple(getattr(v, 'shape', ()))}")
+    if v.numel() == 0: raise ValueError(f"bk_core: v must have R >= 1 rows and N >= 1 positions, got {tuple(v.shape)}")
+    return tuple(v.shape)
+
+# %% ../nbs/01_bk_core.ipynb #d614e51a
+def _core_dtype(v: Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    "The complex dtype the core computes in: `dtype`, checked, or by default complex128 for a float64 v, else complex64"
+    if dtype is None: return torch.complex128 if v.dtype == torch.float64 else torch.complex64
+    if dtype not in (torch.complex64, torch.complex128):
+        raise ValueError(f"bk_core: dtype must be torch.complex64 or torch.complex128, got {dtype}")
+    return dtype
+
+# %% ../nbs/01_bk_core.ipynb #db7c75e5
+def _shift(z: complex | Tensor, # a number, or a tensor of shape () or (R,)
+           R: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    "The shift z as a complex tensor of `dtype` on `device`, shape-checked (its values are checked by the operators)"
+    z = z.to(device) if isinstance(z, Tensor) else torch.tensor(complex(z), dtype=dtype, device=device)
+    if z.dim() > 1 or (z.dim() == 1 and z.shape[0] != R):
+        raise ValueError(f"bk_core: z must be a scalar or have shape ({R},), got {tuple(z.shape)}")
+    return z.to(dtype)
 
 # %% ../nbs/01_bk_core.ipynb #7de00430
 def bk_core(
@@ -564,27 +592,16 @@ def bk_core(
     dtype: torch.dtype | None = None,   # complex64 / complex128; default from v's precision
 ) -> Tensor:
     "Diagonal of (H - zI)^-1 for H = h0 + diag(v) + off-diagonals b: complex (R, N)"
-    if not isinstance(v, Tensor) or v.dim() != 2 or v.is_complex() or not v.is_floating_point():
-        raise ValueError(f"bk_core: v must be a real floating tensor of shape (R, N), got "
-                         f"{type(v).__name__} {getattr(v, 'dtype', '')} {tuple(getattr(v, 'shape', ()))}")
-    R, N = v.shape
-    if N < 1 or R < 1: raise ValueError(f"bk_core: v must have R >= 1 rows and N >= 1 positions, got {tuple(v.shape)}")
-    if dtype is None: dtype = torch.complex128 if v.dtype == torch.float64 else torch.complex64
-    if dtype not in (torch.complex64, torch.complex128):
-        raise ValueError(f"bk_core: dtype must be torch.complex64 or torch.complex128, got {dtype}")
-    rdt = torch.float64 if dtype == torch.complex128 else torch.float32
-    z = z.to(v.device) if isinstance(z, Tensor) else torch.tensor(complex(z), dtype=dtype, device=v.device)
-    if not z.is_complex(): z = z.to(dtype)
-    if z.dim() > 1 or (z.dim() == 1 and z.shape[0] != R):
-        raise ValueError(f"bk_core: z must be a scalar or have shape ({R},), got {tuple(z.shape)}")
-    z = z.to(dtype)
+    R, N = _potential(v)
+    dtype = _core_dtype(v, dtype)
+    z = _shift(z, R, dtype, v.device)
     beta = _beta(b, R, N, dtype) if b is not None else z.new_empty(0)  # none: b = 1, which the kernels do not read
     if not use_analytic_gradient:  # the operators check values (inf, NaN, Im z): here the recurrence needs the checks
         _check_real_input(v, z, beta)
         alpha = _diagonal(v, h0, z)
         return resolvent_diag_recurrence(alpha, _ones_if_empty(beta, alpha), causal)
     if z.requires_grad: return resolvent_diag_op(_diagonal(v, h0, z), beta.contiguous(), causal)[0]
-    return resolvent_diag_real_op(v.to(rdt), h0, z, beta.contiguous(), causal)[0]
+    return resolvent_diag_real_op(v.to(_REAL[dtype]), h0, z, beta.contiguous(), causal)[0]
 
 # %% ../nbs/01_bk_core.ipynb #7467d795
 def memory_profile(v: Tensor, # (R, N) real potentials
