@@ -17,7 +17,7 @@ from fastcore.imports import in_ipython
 import bk_nbdev
 from .config import BenchmarkConfig, load_preset
 from .curves import plot_curves, plot_training_flops
-from .data import load_corpus
+from .data import Corpus, load_corpus
 from .head import bf16_is_fast
 from .models import mixer_memory
 from .runtime import atomic_write_bytes, dist_info, init_distributed, resolve_device
@@ -28,7 +28,8 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['ADDED_LATER', 'DEFAULTS', 'BenchmarkResults', 'cpu_model', 'run_metadata', 'results_of', 'read_results', 'same_run',
-           'reuse_note', 'WikiText2Benchmark', 'worker_main', 'launch_distributed', 'benchmark_notebook', 'run_presets']
+           'reuse_note', 'WikiText2Benchmark', 'model_for', 'validation_memory', 'corpus_metadata', 'worker_main',
+           'launch_distributed', 'benchmark_notebook', 'run_presets']
 
 # %% ../nbs/06_benchmark.ipynb #3ade9f26
 @dataclass
@@ -167,6 +168,25 @@ def stored_run(self: WikiText2Benchmark, config: BenchmarkConfig, force: bool = 
     if dist_info()[0] == 0: print(reuse_note(stored, p))
     return BenchmarkResults(**{f.name: stored[f.name] for f in fields(BenchmarkResults)})
 
+# %% ../nbs/06_benchmark.ipynb #038403b9
+def model_for(config: BenchmarkConfig, corpus: Corpus) -> torch.nn.Module:
+    "The model of `config` for `corpus`'s vocabulary (an adaptive softmax gets the training split's word counts)"
+    model = config.build_model(len(corpus.vocab))
+    if hasattr(model.head, "set_frequencies"): model.head.set_frequencies(torch.bincount(corpus.train, minlength=len(corpus.vocab)))
+    return model
+
+# %% ../nbs/06_benchmark.ipynb #bf535005
+def validation_memory(model: torch.nn.Module, corpus: Corpus, n_seq: int, device, windows: int = 8) -> list | None:
+    "What the trained mixers remember (03's `mixer_memory`) on the first `windows` windows of the validation split"
+    windows = min(windows, len(corpus.validation) // n_seq)
+    return mixer_memory(model, corpus.validation[: windows * n_seq].view(windows, -1).to(device)) if windows else None
+
+# %% ../nbs/06_benchmark.ipynb #2f8eecf8
+def corpus_metadata(corpus: Corpus) -> dict:
+    "What a results file records of the corpus a run trained on"
+    return {"vocab_size": len(corpus.vocab), "dataset": corpus.name, "train_tokens": len(corpus.train),
+            "validation_tokens": len(corpus.validation), "test_tokens": len(corpus.test)}
+
 # %% ../nbs/06_benchmark.ipynb #1a4cfd93
 @patch
 def run_benchmark(self: WikiText2Benchmark, config: BenchmarkConfig, progress: bool = True,
@@ -176,19 +196,14 @@ def run_benchmark(self: WikiText2Benchmark, config: BenchmarkConfig, progress: b
     if stored is not None: return stored
     device = resolve_device(config.device)
     corpus = load_corpus(config.dataset, config.data_dir or None)
-    model = config.build_model(len(corpus.vocab))
-    if hasattr(model.head, "set_frequencies"):  # the adaptive softmax ranks words by training frequency
-        model.head.set_frequencies(torch.bincount(corpus.train, minlength=len(corpus.vocab)))
+    model = model_for(config, corpus)
     self.output_dir.mkdir(parents=True, exist_ok=True)
     ckpt = self.output_dir/f"{config.model_name}_{config.digest()}.ckpt"
     tc = config.train_config()
     if tc.tensorboard_dir: tc = replace(tc, tensorboard_dir=str(Path(tc.tensorboard_dir)/config.model_name))  # a run per folder
     r = train(model, corpus, tc, device=str(device), checkpoint_path=ckpt, progress=progress)
-    windows = min(8, len(corpus.validation) // config.n_seq)  # what the trained mixers remember, on validation text (03)
-    if windows and (memory := mixer_memory(model, corpus.validation[: windows * config.n_seq].view(windows, -1).to(device))):
-        r.model_stats["mixer_memory"] = memory
-    meta = {**run_metadata(device, config.seed), "vocab_size": len(corpus.vocab), "dataset": corpus.name,
-            "train_tokens": len(corpus.train), "validation_tokens": len(corpus.validation), "test_tokens": len(corpus.test),
+    if memory := validation_memory(model, corpus, config.n_seq, device): r.model_stats["mixer_memory"] = memory
+    meta = {**run_metadata(device, config.seed), **corpus_metadata(corpus),
             "world_size": r.world_size, "backend": r.backend, "per_rank": r.per_rank}
     res = results_of(config, r, sum(p.numel() for p in model.parameters()), meta)
     if dist_info()[0] == 0:
