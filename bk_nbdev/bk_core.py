@@ -64,7 +64,8 @@ C_HEADER = r"""
    every b_i = 1, read from no memory (then pass gb NULL too: no beta gradient is computed). */
 #include <stddef.h>
 #define W 32
-#define T 128
+#define T_c64 512   /* positions per tile: 64 KB tiles of floats, */
+#define T_c128 256  /* or of doubles */
 #define LANES _Pragma("omp simd") for (int w = 0; w < W; w++)
 #define GROUP_LOOP _Pragma("omp parallel for schedule(static)") for (long r0 = 0; r0 < R; r0 += W)
 """
@@ -87,7 +88,7 @@ static inline void transpose8(__m256 r[8]) {  /* r[i][j] <- r[j][i] */
   for (int k = 0; k < 4; k++) { r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20); r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31); }
 }
 /* tile (t, w) <- rows[w][t] for t < nt (a multiple of 4), complex numbers interleaved in rows */
-static void load_fast(const float *const rows[W], int nt, float re[T][W], float im[T][W]) {
+static void load_fast(const float *const rows[W], int nt, float re[][W], float im[][W]) {
   for (int wb = 0; wb < W; wb += 8)
     for (int t = 0; t < nt; t += 4) {
       __m256 r[8];
@@ -97,7 +98,7 @@ static void load_fast(const float *const rows[W], int nt, float re[T][W], float 
     }
 }
 /* rows[w][t] <- tile (t, w) for t < nt (a multiple of 4) */
-static void store_fast(float *const rows[W], int nt, float re[T][W], float im[T][W]) {
+static void store_fast(float *const rows[W], int nt, float re[][W], float im[][W]) {
   for (int wb = 0; wb < W; wb += 8)
     for (int t = 0; t < nt; t += 4) {
       __m256 r[8];
@@ -107,7 +108,7 @@ static void store_fast(float *const rows[W], int nt, float re[T][W], float im[T]
     }
 }
 /* tile (t, w) <- rows[w][t] and back, for real rows, t < nt (a multiple of 8) */
-static void load_real_fast(const float *const rows[W], int nt, float re[T][W]) {
+static void load_real_fast(const float *const rows[W], int nt, float re[][W]) {
   for (int wb = 0; wb < W; wb += 8)
     for (int t = 0; t < nt; t += 8) {
       __m256 r[8];
@@ -116,7 +117,7 @@ static void load_real_fast(const float *const rows[W], int nt, float re[T][W]) {
       for (int j = 0; j < 8; j++) _mm256_storeu_ps(&re[t + j][wb], r[j]);
     }
 }
-static void store_real_fast(float *const rows[W], int nt, float re[T][W]) {
+static void store_real_fast(float *const rows[W], int nt, float re[][W]) {
   for (int wb = 0; wb < W; wb += 8)
     for (int t = 0; t < nt; t += 8) {
       __m256 r[8];
@@ -132,8 +133,8 @@ static void store_real_fast(float *const rows[W], int nt, float re[T][W]) {
 
 # %% ../nbs/01_bk_core.ipynb #55cbfc4e
 C_COPIES = r"""
-/* One tile: T positions of W rows, laid out position by position (t, w), real and imaginary parts apart. */
-typedef $F tile_$S[T][W];
+/* One tile: T_$S positions of W rows, laid out position by position (t, w), real and imaginary parts apart. */
+typedef $F tile_$S[T_$S][W];
 /* tile (t, w) <- src[row r0 + w, position i0 + off + t] of rows of length len. A lane past the last row repeats row
    r0 (valid numbers, never stored); a position outside the row reads 0. src NULL: every entry is fill + 0i. The rows'
    next tile (dir = +1 or -1 positions) is prefetched: each row is a stream of its own. Whole float tiles: transposes. */
@@ -146,7 +147,7 @@ static void load_$S(const $F *src, long len, long R, long r0, long i0, long off,
     const float *rows[W];
     for (int w = 0; w < W; w++) {
       rows[w] = (const float *)(src + 2 * ((r0 + w) * len + j0));
-      for (int t = 0; t < nt; t += 64 / (2 * sizeof($F))) __builtin_prefetch(rows[w] + 2 * (t + dir * T));
+      for (int t = 0; t < nt; t += 64 / (2 * sizeof($F))) __builtin_prefetch(rows[w] + 2 * (t + dir * T_$S));
     }
     load_fast(rows, nt, (float (*)[W])re, (float (*)[W])im); return;
   }
@@ -156,7 +157,7 @@ static void load_$S(const $F *src, long len, long R, long r0, long i0, long off,
     for (int t = 0; t < lo; t++) { re[t][w] = 0; im[t][w] = 0; }
     for (int t = lo; t < hi; t++) { re[t][w] = row[2 * t]; im[t][w] = row[2 * t + 1]; }
     for (int t = hi > lo ? hi : lo; t < nt; t++) { re[t][w] = 0; im[t][w] = 0; }
-    for (int t = 0; t < nt; t += 64 / (2 * sizeof($F))) __builtin_prefetch(row + 2 * (t + dir * T));
+    for (int t = 0; t < nt; t += 64 / (2 * sizeof($F))) __builtin_prefetch(row + 2 * (t + dir * T_$S));
   }
 }
 /* dst[row r0 + w, position i0 + off + t] <- tile (t, w), for the rows and positions that exist; dst NULL: nothing */
@@ -185,7 +186,7 @@ static void load_diag_$S(const $F *a, const $F *v, double h0, const $F *z, long 
   for (int w = 0; w < W; w++) {
     long r = r0 + w < R ? r0 + w : r0;
     rows[w] = v + r * N + i0; zr[w] = z[2 * r * zs]; zi[w] = -z[2 * r * zs + 1];
-    for (int t = 0; t < nt; t += 64 / sizeof($F)) __builtin_prefetch(rows[w] + t + dir * T);
+    for (int t = 0; t < nt; t += 64 / sizeof($F)) __builtin_prefetch(rows[w] + t + dir * T_$S);
   }
 #if FAST_TILES
   if (sizeof($F) == 4 && W % 8 == 0 && nt % 8 == 0 && r0 + W <= R) load_real_fast((const float *const *)rows, nt, (float (*)[W])re); else
@@ -227,17 +228,19 @@ static inline void pivots_$S(int first, $F *ar, $F *ai, $F *br, $F *bi, $F *gr, 
 void bk_forward_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, const $F *b, $F *G, $F *left, $F *right,
                    long R, long N, int causal) {
   GROUP_LOOP {
-    tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0};
-    for (long i0 = 0; i0 < N; i0 += T) {
-      int nt = N - i0 < T ? N - i0 : T;
-      load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, 1, ar, ai); load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
-      for (int t = 0; t < nt; t++) pivots_$S(i0 + t == 0, ar[t], ai[t], br[t], bi[t], gr, gi, dr[t], di[t], gr_[t], gi_[t]);
+    tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0}, one[W], zero[W], sr[W], si[W];
+    LANES { one[w] = 1; zero[w] = 0; }  /* b = 1 in registers; causal: d needs no tile */
+    for (long i0 = 0; i0 < N; i0 += T_$S) {
+      int nt = N - i0 < T_$S ? N - i0 : T_$S;
+      load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, 1, ar, ai); if (b) load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
+      for (int t = 0; t < nt; t++) pivots_$S(i0 + t == 0, ar[t], ai[t], b ? br[t] : one, b ? bi[t] : zero, gr, gi,
+                                            causal ? sr : dr[t], causal ? si : di[t], gr_[t], gi_[t]);
       if (causal) { store_$S(G, N, R, r0, i0, 0, nt, gr_, gi_); continue; }
       store_$S(left, N, R, r0, i0, 0, nt, gr_, gi_); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
     }
     if (causal) continue;
-    for (long e0 = 0; e0 < N; e0 += T) {  /* tiles from the right end */
-      int nt = N - e0 < T ? N - e0 : T; long i0 = N - e0 - nt;
+    for (long e0 = 0; e0 < N; e0 += T_$S) {  /* tiles from the right end */
+      int nt = N - e0 < T_$S ? N - e0 : T_$S; long i0 = N - e0 - nt;
       load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, -1, ar, ai); load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, br, bi);
       load_$S(G, N, R, r0, i0, 0, nt, -1, 0, dr, di);
       for (int t = nt - 1; t >= 0; t--) {
@@ -277,12 +280,13 @@ C_BACKWARD = r"""
 void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, const $F *right,
                     $F *ga, $F *gb, long R, long N, int causal, int real_ga) {
   GROUP_LOOP {
-    tile_$S ggr, ggi, xr, xi, pr, pi, lr_, li_, outr, outi, dbr, dbi; $F kr[W], ki[W], mr[W], mi[W];
+    tile_$S ggr, ggi, xr, xi, pr, pi, lr_, li_, outr, outi, dbr, dbi; $F kr[W], ki[W], mr[W], mi[W], one[W], zero[W];
+    LANES { one[w] = 1; zero[w] = 0; }  /* b = 1 in registers (the left adjoint) */
     /* left adjoint, right to left: lam_i = mu_i + lam_{i+1} conj(b_i g_i^2), gb_i = -lam_{i+1} conj(g_i) */
-    for (long e0 = 0; e0 < N; e0 += T) {
-      int nt = N - e0 < T ? N - e0 : T; long i0 = N - e0 - nt;
+    for (long e0 = 0; e0 < N; e0 += T_$S) {
+      int nt = N - e0 < T_$S ? N - e0 : T_$S; long i0 = N - e0 - nt;
       load_$S(gG, N, R, r0, i0, 0, nt, -1, 0, ggr, ggi); load_$S(G, N, R, r0, i0, 0, nt, -1, 0, xr, xi);
-      load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, pr, pi);
+      if (b) load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, pr, pi);
       $F (*lr)[W] = xr, (*li)[W] = xi;  /* causal: 1/d is G itself */
       if (!causal) { load_$S(left, N, R, r0, i0, 0, nt, -1, 0, lr_, li_); lr = lr_; li = li_; }
       for (int t = nt - 1; t >= 0; t--) {
@@ -290,7 +294,8 @@ void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, cons
         if (i0 + t == N - 1) LANES { kr[w] = mr[w]; ki[w] = mi[w]; }
         else {
           if (gb) LANES db_$S(kr[w], ki[w], lr[t][w], li[t][w], &dbr[t][w], &dbi[t][w]);
-          LANES adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr[t][w], li[t][w], &kr[w], &ki[w]);
+          if (b) LANES adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr[t][w], li[t][w], &kr[w], &ki[w]);
+          else LANES adj_$S(kr[w], ki[w], mr[w], mi[w], one[w], zero[w], lr[t][w], li[t][w], &kr[w], &ki[w]);
         }
         LANES { outr[t][w] = kr[w]; outi[t][w] = ki[w]; }
       }
@@ -300,8 +305,8 @@ void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, cons
     if (causal) continue;
     /* right adjoint, left to right: lam_i = mu_i + lam_{i-1} conj(b_{i-1} h_i^2),
        gb_{i-1} += -lam_{i-1} conj(h_i); ga_i = lam_d_i + lam_e_i - mu_i (at i = 0, lam_e = mu) */
-    for (long i0 = 0; i0 < N; i0 += T) {
-      int nt = N - i0 < T ? N - i0 : T;
+    for (long i0 = 0; i0 < N; i0 += T_$S) {
+      int nt = N - i0 < T_$S ? N - i0 : T_$S;
       load_$S(gG, N, R, r0, i0, 0, nt, 1, 0, ggr, ggi); load_$S(G, N, R, r0, i0, 0, nt, 1, 0, xr, xi);
       load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, pr, pi); load_$S(right, N, R, r0, i0, 0, nt, 1, 0, lr_, li_);
       load_$S(ga, N, R, r0, i0, 0, nt, 1, 0, outr, outi); load_$S(gb, N - 1, R, r0, i0, -1, nt, 1, 0, dbr, dbi);
