@@ -24,7 +24,7 @@ def _free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
-def _worker(rank, world, port, ckpt, stop_after, out_file, fail_rank):
+def _worker(rank, world, port, ckpt, stop_after, out_file, fail_rank, compiled):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -33,14 +33,14 @@ def _worker(rank, world, port, ckpt, stop_after, out_file, fail_rank):
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=len(syn.vocab), d_model=32, n_layers=2, n_seq=32, dropout=0.0))
     if rank == fail_rank: raise RuntimeError(f"rank {rank} fails on purpose")
-    r = train(model, syn, TrainConfig(**CFG), checkpoint_path=ckpt, progress=False, stop_after_epochs=stop_after)
+    r = train(model, syn, TrainConfig(**CFG, compile=compiled), checkpoint_path=ckpt, progress=False, stop_after_epochs=stop_after)
     if rank == 0: Path(out_file).write_text(json.dumps(asdict(r)))
     if world > 1: dist.destroy_process_group()
 
 
-def _run(world, tmp_path, ckpt=None, stop_after=None, fail_rank=None):
+def _run(world, tmp_path, ckpt=None, stop_after=None, fail_rank=None, compiled=False):
     out = tmp_path / f"result_{world}_{time.time_ns()}.json"
-    mp.spawn(_worker, args=(world, _free_port(), ckpt, stop_after, str(out), fail_rank), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _free_port(), ckpt, stop_after, str(out), fail_rank, compiled), nprocs=world, join=True)
     return json.loads(out.read_text())
 
 
@@ -63,6 +63,14 @@ def test_two_process_run_resumes_from_its_checkpoint(tmp_path):
     resumed = _run(2, tmp_path, ckpt=str(ckpt))
     assert resumed["epoch_losses"] == full["epoch_losses"]
     assert resumed["test_perplexity"] == full["test_perplexity"]
+
+
+def test_a_compiled_step_trains_under_two_processes(tmp_path):
+    "torch.compile of the DDP-wrapped loss (TrainConfig.compile): the eager run's numbers, up to the rounding of fused kernels"
+    eager, compiled = _run(2, tmp_path), _run(2, tmp_path, compiled=True)
+    assert compiled["world_size"] == 2 and compiled["epoch_tokens"] == eager["epoch_tokens"]
+    for a, b in zip(eager["epoch_perplexities"] + [eager["test_perplexity"]], compiled["epoch_perplexities"] + [compiled["test_perplexity"]]):
+        assert abs(a - b) / a < 1e-5, (eager["epoch_perplexities"], compiled["epoch_perplexities"])
 
 
 def test_a_failing_rank_ends_the_job(tmp_path):
