@@ -18,9 +18,10 @@ from .bk_triton import triton_forward, triton_backward
 from .runtime import cache_dir
 
 # %% auto #0
-__all__ = ['C_HEADER', 'C_TILES', 'C_COPIES', 'C_FORWARD', 'C_ADJOINT', 'C_BACKWARD', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT',
-           'dense_resolvent_diag', 'pivots', 'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op',
-           'resolvent_diag_backward_op', 'resolvent_diag_real_op', 'bk_core', 'memory_profile']
+__all__ = ['C_HEADER', 'C_TRANSPOSE', 'C_TILES', 'C_COPIES', 'C_DIAGONAL', 'C_PIVOTS', 'C_FORWARD', 'C_ADJOINT', 'C_BACKWARD',
+           'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots', 'resolvent_diag_recurrence',
+           'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op', 'resolvent_diag_real_op', 'bk_core',
+           'memory_profile']
 
 # %% ../nbs/01_bk_core.ipynb #b075cb55
 def dense_resolvent_diag(
@@ -71,7 +72,7 @@ C_HEADER = r"""
 """
 
 # %% ../nbs/01_bk_core.ipynb #acd07ecd
-C_TILES = r"""
+C_TRANSPOSE = r"""
 /* Whole float tiles move through registers where the CPU has AVX2: 8 rows x 4 complex numbers (8 registers of
    interleaved re, im) are one 8 x 8 transpose away from 4 positions x (8 re, 8 im), and back; 8 rows x 8 real numbers
    are one transpose away from 8 positions x 8 rows. Data movement only. */
@@ -87,6 +88,10 @@ static inline void transpose8(__m256 r[8]) {  /* r[i][j] <- r[j][i] */
   }
   for (int k = 0; k < 4; k++) { r[k] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x20); r[k + 4] = _mm256_permute2f128_ps(u[k], u[k + 4], 0x31); }
 }
+"""
+
+# %% ../nbs/01_bk_core.ipynb #66dcd362
+C_TILES = r"""
 /* tile (t, w) <- rows[w][t] for t < nt (a multiple of 4), complex numbers interleaved in rows */
 static void load_fast(const float *const rows[W], int nt, float re[][W], float im[][W]) {
   for (int wb = 0; wb < W; wb += 8)
@@ -176,6 +181,10 @@ static void store_$S($F *dst, long len, long R, long r0, long i0, long off, int 
     for (int t = lo; t < hi; t++) { row[2 * t] = re[t][w]; row[2 * t + 1] = im[t][w]; }
   }
 }
+"""
+
+# %% ../nbs/01_bk_core.ipynb #86881f5b
+C_DIAGONAL = r"""
 /* tile (t, w) <- the diagonal at row r0 + w, position i0 + t: a (complex) or, where a is NULL, (v + h0) - z for a real
    v (rows of length N) and z one complex number per row (zs = 1) or one for all rows (zs = 0): the same operations,
    in the same order, as building a in torch. */
@@ -206,7 +215,7 @@ static void store_real_$S($F *dst, long N, long R, long r0, long i0, int nt, til
 """
 
 # %% ../nbs/01_bk_core.ipynb #d9f38690
-C_FORWARD = r"""
+C_PIVOTS = r"""
 /* g = 1/(x + iy), scaled by the larger component (Smith 1962), so that nothing under- or overflows on the way to a
    representable result. p is the larger component and q the other, chosen by selects rather than a branch, so that
    the lanes stay together. */
@@ -222,19 +231,23 @@ static inline void pivots_$S(int first, $F *ar, $F *ai, $F *br, $F *bi, $F *gr, 
   else LANES { dr[w] = ar[w] - (br[w] * gr[w] - bi[w] * gi[w]); di[w] = ai[w] - (br[w] * gi[w] + bi[w] * gr[w]); }
   LANES { recip_$S(dr[w], di[w], &gr[w], &gi[w]); outr[w] = gr[w]; outi[w] = gi[w]; }
 }
+"""
+
+# %% ../nbs/01_bk_core.ipynb #b45cb327
+C_FORWARD = r"""
 /* Causal: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}; out g_i = 1/d_i. The diagonal a, or v, h0, z: see load_diag.
    Bidirectional: also e_{N-1} = a_{N-1}, e_i = a_i - b_i/e_{i+1}; out G_i = 1/(d_i + e_i - a_i), left_i = 1/d_i,
    right_i = 1/e_i (G holds d_i between the two passes). */
 void bk_forward_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, const $F *b, $F *G, $F *left, $F *right,
                    long R, long N, int causal) {
   GROUP_LOOP {
-    tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0}, one[W], zero[W], sr[W], si[W];
+    tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0}, one[W], zero[W], dcr[W], dci[W];
     LANES { one[w] = 1; zero[w] = 0; }  /* b = 1 in registers; causal: d needs no tile */
     for (long i0 = 0; i0 < N; i0 += T_$S) {
       int nt = N - i0 < T_$S ? N - i0 : T_$S;
       load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, 1, ar, ai); if (b) load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
       for (int t = 0; t < nt; t++) pivots_$S(i0 + t == 0, ar[t], ai[t], b ? br[t] : one, b ? bi[t] : zero, gr, gi,
-                                            causal ? sr : dr[t], causal ? si : di[t], gr_[t], gi_[t]);
+                                            causal ? dcr : dr[t], causal ? dci : di[t], gr_[t], gi_[t]);
       if (causal) { store_$S(G, N, R, r0, i0, 0, nt, gr_, gi_); continue; }
       store_$S(left, N, R, r0, i0, 0, nt, gr_, gi_); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
     }
@@ -324,7 +337,7 @@ void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, cons
 """
 
 # %% ../nbs/01_bk_core.ipynb #0cd8f08d
-C_SOURCE = C_HEADER + C_TILES + "".join(Template(C_COPIES + C_FORWARD + C_ADJOINT + C_BACKWARD).substitute(F=F, S=S)
+C_SOURCE = C_HEADER + C_TRANSPOSE + C_TILES + "".join(Template(C_COPIES + C_DIAGONAL + C_PIVOTS + C_FORWARD + C_ADJOINT + C_BACKWARD).substitute(F=F, S=S)
                                         for F, S in (("double", "c128"), ("float", "c64")))
 
 # %% ../nbs/01_bk_core.ipynb #68c177c6

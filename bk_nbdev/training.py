@@ -29,10 +29,10 @@ from .training_flags import (autocast, epoch_lengths, keep_windows, precision, r
                                      window_batch, window_losses)
 
 # %% auto #0
-__all__ = ['TRAIN_FLAGS', 'OBSERVE_FIELDS', 'TrainConfig', 'train_streams', 'warmup_cosine', 'TrainResult', 'TrainRun',
-           'start_run', 'save_checkpoint', 'load_checkpoint', 'step_forward', 'step_backward', 'step_update',
-           'train_step', 'prune_for_step', 'validate_subset', 'active_plan', 'epoch_batches', 'epoch_step',
-           'train_epoch', 'end_epoch']
+__all__ = ['TRAIN_FLAGS', 'OBSERVE_FIELDS', 'TrainConfig', 'check_train_config', 'train_streams', 'warmup_cosine', 'TrainResult',
+           'TrainRun', 'start_run', 'save_checkpoint', 'load_checkpoint', 'step_forward', 'step_backward',
+           'step_update', 'train_step', 'prune_for_step', 'validate_subset', 'active_plan', 'epoch_batches',
+           'epoch_step', 'train_epoch', 'end_epoch']
 
 # %% ../nbs/05_training.ipynb #55e9efdb
 def _finite_at_least(cfg, **lows):
@@ -78,23 +78,27 @@ class TrainConfig:
     val_tokens: int = 32768          # validation tokens of those points (0: the whole split)
     tensorboard_dir: str = ""        # also write the curves to TensorBoard there ('': off)
 
-    def __post_init__(self):
-        for k in ("epochs", "batch_size", "n_seq", "eval_batch_size", "pool_factor", "log_every", "evals_per_epoch"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"TrainConfig.{k} must be a positive integer, got {v!r}")
-        _finite_at_least(self, weight_decay=0, grad_clip=0, warmup_steps=0, max_train_tokens=0, timing_warmup_steps=0)
-        if not (math.isfinite(self.lr) and self.lr > 0): raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.val_tokens < 0: raise ValueError(f"val_tokens must be >= 0 (0: the whole split), got {self.val_tokens}")
-        if self.active_selection not in ("loss", "random"):
-            raise ValueError(f"active_selection must be 'loss' or 'random', got {self.active_selection!r}")
-        if not 0 < self.score_sample <= 1: raise ValueError(f"score_sample must be in (0, 1], got {self.score_sample}")
-        if self.quant_bits not in (4, 8): raise ValueError(f"quant_bits must be 4 or 8, got {self.quant_bits!r}")
-        if not 0 < self.prune_target < 1: raise ValueError(f"prune_target must be in (0, 1), got {self.prune_target}")
-        if not 0 < self.curriculum_fraction <= 1:
-            raise ValueError(f"curriculum_fraction must be in (0, 1], got {self.curriculum_fraction}")
+    def __post_init__(self): check_train_config(self)
+
+# %% ../nbs/05_training.ipynb #8e308c90
+def check_train_config(cfg: TrainConfig):
+    "Refuse a TrainConfig with a value outside its field's range, naming the field, the value and what is valid"
+    for k in ("epochs", "batch_size", "n_seq", "eval_batch_size", "pool_factor", "log_every", "evals_per_epoch"):
+        v = getattr(cfg, k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"TrainConfig.{k} must be a positive integer, got {v!r}")
+    _finite_at_least(cfg, weight_decay=0, grad_clip=0, warmup_steps=0, max_train_tokens=0, timing_warmup_steps=0)
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0): raise ValueError(f"lr must be a finite number > 0, got {cfg.lr}")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {cfg.betas!r}")
+    if cfg.val_tokens < 0: raise ValueError(f"val_tokens must be >= 0 (0: the whole split), got {cfg.val_tokens}")
+    if cfg.active_selection not in ("loss", "random"):
+        raise ValueError(f"active_selection must be 'loss' or 'random', got {cfg.active_selection!r}")
+    if not 0 < cfg.score_sample <= 1: raise ValueError(f"score_sample must be in (0, 1], got {cfg.score_sample}")
+    if cfg.quant_bits not in (4, 8): raise ValueError(f"quant_bits must be 4 or 8, got {cfg.quant_bits!r}")
+    if not 0 < cfg.prune_target < 1: raise ValueError(f"prune_target must be in (0, 1), got {cfg.prune_target}")
+    if not 0 < cfg.curriculum_fraction <= 1:
+        raise ValueError(f"curriculum_fraction must be in (0, 1], got {cfg.curriculum_fraction}")
 
 # %% ../nbs/05_training.ipynb #78c5f2d7
 @patch(as_prop=True)
