@@ -21,7 +21,7 @@ from .tables import (
 
 # %% auto #0
 __all__ = ['SAMPLE_STUDIES', 'DESIGNS', 'plot_sweep', 'budget_part', 'mean_training_time', 'sample_line', 'sample_part',
-           'ablation_part', 'scaling_part', 'whole_controls_section', 'whole_seeds_part', 'controls_part',
+           'bf16_part', 'ablation_part', 'scaling_part', 'whole_controls_section', 'whole_seeds_part', 'controls_part',
            'winner_line', 'design_part', 'track_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
 
 # %% ../nbs/09c_results_page.ipynb #d1c61927
@@ -89,9 +89,19 @@ def sample_part(ref: Path, field: str) -> list[str]:
             seeds_table(json.loads((ref/name/"seed_summary.json").read_text())), sample_line(ref/name, field),
             provenance_line(ref/name)]
 
+# %% ../nbs/09c_results_page.ipynb #d7fff3bb
+def bf16_part(ref: Path) -> list[str]:
+    "full's and the Transformer's quick presets over seeds on a CPU with native bf16 (full_quick_bf16), where run"
+    if not ((study := ref/"full_quick_bf16")/"seed_summary.json").exists(): return []
+    x = mean_training_time(study, "full_quick") / mean_training_time(study, "transformer_quick")
+    return ["**`full` where bf16 is native.** The quick presets of `full` and the Transformer over three seeds, "
+            "interleaved (07b), on a CPU where `full`'s mixed precision trains in bf16:",
+            seeds_table(json.loads((study/"seed_summary.json").read_text())),
+            f"`full`'s training time: {x:.2f}× the Transformer's (means over the seeds).", provenance_line(study)]
+
 # %% ../nbs/09c_results_page.ipynb #db7e8cf7
 def ablation_part(ref: Path) -> list[str]:
-    "07's ablation with early exit's inference curve, the seeds studies of the presets, of the ablation's rows and of full's two shares"
+    "07's ablation, early exit's inference curve, and the seeds studies: presets, ablation rows, full's two shares, full in bf16"
     return ["## The ablation", "07's ablation at the quick budget, every row from the same base and seed:",
             ablation_section(ref/"ablation"),
             "**Early exit at inference**, the ablation's early-exit row over its exit threshold (validation split):",
@@ -101,7 +111,7 @@ def ablation_part(ref: Path) -> list[str]:
             "**Seeds of the ablation.** Every row within 5% of the base's test perplexity, from three seeds, interleaved (07b); "
             "a difference from the base is resolved when it is larger than two standard deviations of a difference:",
             seeds_section(ref/"ablation_seeds", "base"), provenance_line(ref/"ablation_seeds"),
-            *sample_part(ref, "exit_sample"), *sample_part(ref, "score_sample")]
+            *sample_part(ref, "exit_sample"), *sample_part(ref, "score_sample"), *bf16_part(ref)]
 
 # %% ../nbs/09c_results_page.ipynb #85c544be
 def scaling_part(ref: Path) -> list[str]:
