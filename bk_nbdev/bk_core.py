@@ -18,7 +18,8 @@ from .bk_triton import triton_forward, triton_backward
 from .runtime import cache_dir
 
 # %% auto #0
-__all__ = ['C_HEADER', 'C_TRANSPOSE', 'C_TILES', 'C_COPIES', 'C_DIAGONAL', 'C_PIVOTS', 'C_FORWARD', 'C_ADJOINT', 'C_BACKWARD',
+__all__ = ['C_HEADER', 'C_TRANSPOSE', 'C_TILES', 'C_REAL_TILES', 'C_COPIES', 'C_STORE', 'C_DIAGONAL', 'C_PIVOTS', 'C_LEFT_SWEEP',
+           'C_RIGHT_SWEEP', 'C_FORWARD', 'C_ADJOINT', 'C_LEFT_ADJOINT', 'C_RIGHT_ADJOINT', 'C_BACKWARD', 'C_TEMPLATES',
            'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots', 'resolvent_diag_recurrence',
            'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op', 'resolvent_diag_real_op', 'bk_core',
            'memory_profile']
@@ -112,6 +113,10 @@ static void store_fast(float *const rows[W], int nt, float re[][W], float im[][W
       for (int w = 0; w < 8; w++) _mm256_storeu_ps(rows[wb + w] + 2 * t, r[w]);
     }
 }
+"""
+
+# %% ../nbs/01_bk_core.ipynb #d879384a
+C_REAL_TILES = r"""
 /* tile (t, w) <- rows[w][t] and back, for real rows, t < nt (a multiple of 8) */
 static void load_real_fast(const float *const rows[W], int nt, float re[][W]) {
   for (int wb = 0; wb < W; wb += 8)
@@ -165,6 +170,10 @@ static void load_$S(const $F *src, long len, long R, long r0, long i0, long off,
     for (int t = 0; t < nt; t += 64 / (2 * sizeof($F))) __builtin_prefetch(row + 2 * (t + dir * T_$S));
   }
 }
+"""
+
+# %% ../nbs/01_bk_core.ipynb #5d9e4c8c
+C_STORE = r"""
 /* dst[row r0 + w, position i0 + off + t] <- tile (t, w), for the rows and positions that exist; dst NULL: nothing */
 static void store_$S($F *dst, long len, long R, long r0, long i0, long off, int nt, tile_$S re, tile_$S im) {
   if (!dst) return;
@@ -233,6 +242,47 @@ static inline void pivots_$S(int first, $F *ar, $F *ai, $F *br, $F *bi, $F *gr, 
 }
 """
 
+# %% ../nbs/01_bk_core.ipynb #8c2bb915
+C_LEFT_SWEEP = r"""
+/* The pivots of a group of W rows from row r0, left to right: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}. Causal: G <- 1/d,
+   with d in a register-sized array; bidirectional: left <- 1/d and G <- d, for the right sweep. */
+static void left_sweep_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, const $F *b, $F *G, $F *left,
+                          long R, long N, long r0, int causal) {
+  tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0}, one[W], zero[W], dcr[W], dci[W];
+  LANES { one[w] = 1; zero[w] = 0; }  /* b = 1 in registers */
+  for (long i0 = 0; i0 < N; i0 += T_$S) {
+    int nt = N - i0 < T_$S ? N - i0 : T_$S;
+    load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, 1, ar, ai); if (b) load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
+    for (int t = 0; t < nt; t++) pivots_$S(i0 + t == 0, ar[t], ai[t], b ? br[t] : one, b ? bi[t] : zero, gr, gi,
+                                          causal ? dcr : dr[t], causal ? dci : di[t], gr_[t], gi_[t]);
+    if (causal) { store_$S(G, N, R, r0, i0, 0, nt, gr_, gi_); continue; }
+    store_$S(left, N, R, r0, i0, 0, nt, gr_, gi_); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
+  }
+}
+"""
+
+# %% ../nbs/01_bk_core.ipynb #f309a2b9
+C_RIGHT_SWEEP = r"""
+/* The bidirectional second sweep, right to left: e_{N-1} = a_{N-1}, e_i = a_i - b_i/e_{i+1}; right <- 1/e and
+   G <- 1/(d + e - a), d read back from G. */
+static void right_sweep_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, const $F *b, $F *G, $F *right,
+                           long R, long N, long r0) {
+  tile_$S ar, ai, br, bi, dr, di; $F gr[W] = {0}, gi[W] = {0};
+  for (long e0 = 0; e0 < N; e0 += T_$S) {  /* tiles from the right end */
+    int nt = N - e0 < T_$S ? N - e0 : T_$S; long i0 = N - e0 - nt;
+    load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, -1, ar, ai); load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, br, bi);
+    load_$S(G, N, R, r0, i0, 0, nt, -1, 0, dr, di);
+    for (int t = nt - 1; t >= 0; t--) {
+      $F er[W], ei[W];
+      pivots_$S(i0 + t == N - 1, ar[t], ai[t], br[t], bi[t], gr, gi, er, ei, br[t], bi[t]);  /* br: now 1/e */
+      LANES { $F sr = dr[t][w] + er[w] - ar[t][w], si = di[t][w] + ei[w] - ai[t][w];
+              recip_$S(sr, si, &dr[t][w], &di[t][w]); }
+    }
+    store_$S(right, N, R, r0, i0, 0, nt, br, bi); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
+  }
+}
+"""
+
 # %% ../nbs/01_bk_core.ipynb #b45cb327
 C_FORWARD = r"""
 /* Causal: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}; out g_i = 1/d_i. The diagonal a, or v, h0, z: see load_diag.
@@ -241,29 +291,8 @@ C_FORWARD = r"""
 void bk_forward_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, const $F *b, $F *G, $F *left, $F *right,
                    long R, long N, int causal) {
   GROUP_LOOP {
-    tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0}, one[W], zero[W], dcr[W], dci[W];
-    LANES { one[w] = 1; zero[w] = 0; }  /* b = 1 in registers; causal: d needs no tile */
-    for (long i0 = 0; i0 < N; i0 += T_$S) {
-      int nt = N - i0 < T_$S ? N - i0 : T_$S;
-      load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, 1, ar, ai); if (b) load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
-      for (int t = 0; t < nt; t++) pivots_$S(i0 + t == 0, ar[t], ai[t], b ? br[t] : one, b ? bi[t] : zero, gr, gi,
-                                            causal ? dcr : dr[t], causal ? dci : di[t], gr_[t], gi_[t]);
-      if (causal) { store_$S(G, N, R, r0, i0, 0, nt, gr_, gi_); continue; }
-      store_$S(left, N, R, r0, i0, 0, nt, gr_, gi_); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
-    }
-    if (causal) continue;
-    for (long e0 = 0; e0 < N; e0 += T_$S) {  /* tiles from the right end */
-      int nt = N - e0 < T_$S ? N - e0 : T_$S; long i0 = N - e0 - nt;
-      load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, -1, ar, ai); load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, br, bi);
-      load_$S(G, N, R, r0, i0, 0, nt, -1, 0, dr, di);
-      for (int t = nt - 1; t >= 0; t--) {
-        $F er[W], ei[W];
-        pivots_$S(i0 + t == N - 1, ar[t], ai[t], br[t], bi[t], gr, gi, er, ei, br[t], bi[t]);  /* br: now 1/e */
-        LANES { $F sr = dr[t][w] + er[w] - ar[t][w], si = di[t][w] + ei[w] - ai[t][w];
-                recip_$S(sr, si, &dr[t][w], &di[t][w]); }
-      }
-      store_$S(right, N, R, r0, i0, 0, nt, br, bi); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
-    }
+    left_sweep_$S(a, v, h0, z, zs, b, G, left, R, N, r0, causal);
+    if (!causal) right_sweep_$S(a, v, h0, z, zs, b, G, right, R, N, r0);
   }
 }
 """
@@ -285,6 +314,60 @@ static inline void adj_$S($F kr, $F ki, $F mr, $F mi, $F pr, $F pi, $F gr, $F gi
 static inline void db_$S($F kr, $F ki, $F gr, $F gi, $F *dbr, $F *dbi) { *dbr = -(kr * gr + ki * gi); *dbi = -(ki * gr - kr * gi); }
 """
 
+# %% ../nbs/01_bk_core.ipynb #8236d4b4
+C_LEFT_ADJOINT = r"""
+/* The left adjoint of a group of W rows from row r0, right to left: lam_i = mu_i + lam_{i+1} conj(b_i g_i^2),
+   gb_i = -lam_{i+1} conj(g_i). Causal: 1/d is G itself, and this is the whole gradient; real_ga stores real parts. */
+static void left_adjoint_$S(const $F *gG, const $F *b, const $F *G, const $F *left, $F *ga, $F *gb, long R, long N,
+                            long r0, int causal, int real_ga) {
+  tile_$S ggr, ggi, xr, xi, pr, pi, lr_, li_, outr, outi, dbr, dbi; $F kr[W], ki[W], mr[W], mi[W], one[W], zero[W];
+  LANES { one[w] = 1; zero[w] = 0; }  /* b = 1 in registers */
+  for (long e0 = 0; e0 < N; e0 += T_$S) {
+    int nt = N - e0 < T_$S ? N - e0 : T_$S; long i0 = N - e0 - nt;
+    load_$S(gG, N, R, r0, i0, 0, nt, -1, 0, ggr, ggi); load_$S(G, N, R, r0, i0, 0, nt, -1, 0, xr, xi);
+    if (b) load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, pr, pi);
+    $F (*lr)[W] = xr, (*li)[W] = xi;  /* causal: 1/d is G itself */
+    if (!causal) { load_$S(left, N, R, r0, i0, 0, nt, -1, 0, lr_, li_); lr = lr_; li = li_; }
+    for (int t = nt - 1; t >= 0; t--) {
+      LANES mu_$S(ggr[t][w], ggi[t][w], xr[t][w], xi[t][w], &mr[w], &mi[w]);
+      if (i0 + t == N - 1) LANES { kr[w] = mr[w]; ki[w] = mi[w]; }
+      else {
+        if (gb) LANES db_$S(kr[w], ki[w], lr[t][w], li[t][w], &dbr[t][w], &dbi[t][w]);
+        if (b) LANES adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr[t][w], li[t][w], &kr[w], &ki[w]);
+        else LANES adj_$S(kr[w], ki[w], mr[w], mi[w], one[w], zero[w], lr[t][w], li[t][w], &kr[w], &ki[w]);
+      }
+      LANES { outr[t][w] = kr[w]; outi[t][w] = ki[w]; }
+    }
+    if (real_ga) store_real_$S(ga, N, R, r0, i0, nt, outr); else store_$S(ga, N, R, r0, i0, 0, nt, outr, outi);
+    store_$S(gb, N - 1, R, r0, i0, 0, nt, dbr, dbi);
+  }
+}
+"""
+
+# %% ../nbs/01_bk_core.ipynb #25129601
+C_RIGHT_ADJOINT = r"""
+/* The right adjoint (bidirectional only), left to right: lam_i = mu_i + lam_{i-1} conj(b_{i-1} h_i^2),
+   gb_{i-1} += -lam_{i-1} conj(h_i); ga_i = lam_d_i + lam_e_i - mu_i (at i = 0, lam_e = mu), added to the left's. */
+static void right_adjoint_$S(const $F *gG, const $F *b, const $F *G, const $F *right, $F *ga, $F *gb, long R, long N,
+                             long r0) {
+  tile_$S ggr, ggi, xr, xi, pr, pi, lr_, li_, outr, outi, dbr, dbi; $F kr[W], ki[W], mr[W], mi[W];
+  for (long i0 = 0; i0 < N; i0 += T_$S) {
+    int nt = N - i0 < T_$S ? N - i0 : T_$S;
+    load_$S(gG, N, R, r0, i0, 0, nt, 1, 0, ggr, ggi); load_$S(G, N, R, r0, i0, 0, nt, 1, 0, xr, xi);
+    load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, pr, pi); load_$S(right, N, R, r0, i0, 0, nt, 1, 0, lr_, li_);
+    load_$S(ga, N, R, r0, i0, 0, nt, 1, 0, outr, outi); load_$S(gb, N - 1, R, r0, i0, -1, nt, 1, 0, dbr, dbi);
+    for (int t = 0; t < nt; t++) {
+      LANES mu_$S(ggr[t][w], ggi[t][w], xr[t][w], xi[t][w], &mr[w], &mi[w]);
+      if (i0 + t == 0) { LANES { kr[w] = mr[w]; ki[w] = mi[w]; } continue; }
+      if (gb) LANES { $F er, ei; db_$S(kr[w], ki[w], lr_[t][w], li_[t][w], &er, &ei); dbr[t][w] += er; dbi[t][w] += ei; }
+      LANES { adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr_[t][w], li_[t][w], &kr[w], &ki[w]);
+              outr[t][w] += kr[w] - mr[w]; outi[t][w] += ki[w] - mi[w]; }
+    }
+    store_$S(ga, N, R, r0, i0, 0, nt, outr, outi); store_$S(gb, N - 1, R, r0, i0, -1, nt, dbr, dbi);
+  }
+}
+"""
+
 # %% ../nbs/01_bk_core.ipynb #76d80fd8
 C_BACKWARD = r"""
 /* Exact backward (PyTorch's convention: grad_x = grad_y * conj(dy/dx) for holomorphic maps).
@@ -293,52 +376,17 @@ C_BACKWARD = r"""
 void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, const $F *right,
                     $F *ga, $F *gb, long R, long N, int causal, int real_ga) {
   GROUP_LOOP {
-    tile_$S ggr, ggi, xr, xi, pr, pi, lr_, li_, outr, outi, dbr, dbi; $F kr[W], ki[W], mr[W], mi[W], one[W], zero[W];
-    LANES { one[w] = 1; zero[w] = 0; }  /* b = 1 in registers (the left adjoint) */
-    /* left adjoint, right to left: lam_i = mu_i + lam_{i+1} conj(b_i g_i^2), gb_i = -lam_{i+1} conj(g_i) */
-    for (long e0 = 0; e0 < N; e0 += T_$S) {
-      int nt = N - e0 < T_$S ? N - e0 : T_$S; long i0 = N - e0 - nt;
-      load_$S(gG, N, R, r0, i0, 0, nt, -1, 0, ggr, ggi); load_$S(G, N, R, r0, i0, 0, nt, -1, 0, xr, xi);
-      if (b) load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, pr, pi);
-      $F (*lr)[W] = xr, (*li)[W] = xi;  /* causal: 1/d is G itself */
-      if (!causal) { load_$S(left, N, R, r0, i0, 0, nt, -1, 0, lr_, li_); lr = lr_; li = li_; }
-      for (int t = nt - 1; t >= 0; t--) {
-        LANES mu_$S(ggr[t][w], ggi[t][w], xr[t][w], xi[t][w], &mr[w], &mi[w]);
-        if (i0 + t == N - 1) LANES { kr[w] = mr[w]; ki[w] = mi[w]; }
-        else {
-          if (gb) LANES db_$S(kr[w], ki[w], lr[t][w], li[t][w], &dbr[t][w], &dbi[t][w]);
-          if (b) LANES adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr[t][w], li[t][w], &kr[w], &ki[w]);
-          else LANES adj_$S(kr[w], ki[w], mr[w], mi[w], one[w], zero[w], lr[t][w], li[t][w], &kr[w], &ki[w]);
-        }
-        LANES { outr[t][w] = kr[w]; outi[t][w] = ki[w]; }
-      }
-      if (real_ga) store_real_$S(ga, N, R, r0, i0, nt, outr); else store_$S(ga, N, R, r0, i0, 0, nt, outr, outi);
-      store_$S(gb, N - 1, R, r0, i0, 0, nt, dbr, dbi);
-    }
-    if (causal) continue;
-    /* right adjoint, left to right: lam_i = mu_i + lam_{i-1} conj(b_{i-1} h_i^2),
-       gb_{i-1} += -lam_{i-1} conj(h_i); ga_i = lam_d_i + lam_e_i - mu_i (at i = 0, lam_e = mu) */
-    for (long i0 = 0; i0 < N; i0 += T_$S) {
-      int nt = N - i0 < T_$S ? N - i0 : T_$S;
-      load_$S(gG, N, R, r0, i0, 0, nt, 1, 0, ggr, ggi); load_$S(G, N, R, r0, i0, 0, nt, 1, 0, xr, xi);
-      load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, pr, pi); load_$S(right, N, R, r0, i0, 0, nt, 1, 0, lr_, li_);
-      load_$S(ga, N, R, r0, i0, 0, nt, 1, 0, outr, outi); load_$S(gb, N - 1, R, r0, i0, -1, nt, 1, 0, dbr, dbi);
-      for (int t = 0; t < nt; t++) {
-        LANES mu_$S(ggr[t][w], ggi[t][w], xr[t][w], xi[t][w], &mr[w], &mi[w]);
-        if (i0 + t == 0) { LANES { kr[w] = mr[w]; ki[w] = mi[w]; } continue; }
-        if (gb) LANES { $F er, ei; db_$S(kr[w], ki[w], lr_[t][w], li_[t][w], &er, &ei); dbr[t][w] += er; dbi[t][w] += ei; }
-        LANES { adj_$S(kr[w], ki[w], mr[w], mi[w], pr[t][w], pi[t][w], lr_[t][w], li_[t][w], &kr[w], &ki[w]);
-                outr[t][w] += kr[w] - mr[w]; outi[t][w] += ki[w] - mi[w]; }
-      }
-      store_$S(ga, N, R, r0, i0, 0, nt, outr, outi); store_$S(gb, N - 1, R, r0, i0, -1, nt, dbr, dbi);
-    }
+    left_adjoint_$S(gG, b, G, left, ga, gb, R, N, r0, causal, real_ga);
+    if (!causal) right_adjoint_$S(gG, b, G, right, ga, gb, R, N, r0);
   }
 }
 """
 
 # %% ../nbs/01_bk_core.ipynb #0cd8f08d
-C_SOURCE = C_HEADER + C_TRANSPOSE + C_TILES + "".join(Template(C_COPIES + C_DIAGONAL + C_PIVOTS + C_FORWARD + C_ADJOINT + C_BACKWARD).substitute(F=F, S=S)
-                                        for F, S in (("double", "c128"), ("float", "c64")))
+C_TEMPLATES = (C_COPIES, C_STORE, C_DIAGONAL, C_PIVOTS, C_LEFT_SWEEP, C_RIGHT_SWEEP, C_FORWARD, C_ADJOINT, C_LEFT_ADJOINT,
+               C_RIGHT_ADJOINT, C_BACKWARD)  # written once for both precisions
+C_SOURCE = C_HEADER + C_TRANSPOSE + C_TILES + C_REAL_TILES + "".join(
+    Template("".join(C_TEMPLATES)).substitute(F=F, S=S) for F, S in (("double", "c128"), ("float", "c64")))
 
 # %% ../nbs/01_bk_core.ipynb #68c177c6
 def _compiler() -> str | None:

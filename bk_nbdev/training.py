@@ -43,9 +43,6 @@ def _finite_at_least(cfg, **lows):
             raise ValueError(f"{k} must be a finite number >= {low}, got {v!r}")
 
 # %% ../nbs/05_training.ipynb #1a1646dc
-TRAIN_FLAGS = ("use_mixed_precision", "use_quantization", "use_pruning", "use_curriculum", "use_active_learning")
-OBSERVE_FIELDS = ("log_every", "evals_per_epoch", "val_tokens", "tensorboard_dir")  # record a run, change nothing in it
-
 @dataclass
 class TrainConfig:
     "Everything the training loop needs besides the model and the data"
@@ -79,6 +76,10 @@ class TrainConfig:
     tensorboard_dir: str = ""        # also write the curves to TensorBoard there ('': off)
 
     def __post_init__(self): check_train_config(self)
+
+# %% ../nbs/05_training.ipynb #6f00b2ef
+TRAIN_FLAGS = ("use_mixed_precision", "use_quantization", "use_pruning", "use_curriculum", "use_active_learning")
+OBSERVE_FIELDS = ("log_every", "evals_per_epoch", "val_tokens", "tensorboard_dir")  # record a run, change nothing in it
 
 # %% ../nbs/05_training.ipynb #8e308c90
 def check_train_config(cfg: TrainConfig):
