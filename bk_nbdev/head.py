@@ -18,8 +18,9 @@ from .flops import LOG_SOFTMAX_FLOPS
 from .runtime import in_fresh_process, peak_memory, reset_peak_memory
 
 # %% auto #0
-__all__ = ['HEAD_IMPLS', 'chunk_nll_', 'fused_linear_ce', 'linear_cross_entropy_op', 'linear_cross_entropy_backward_op',
-           'linear_cross_entropy', 'bf16_is_fast', 'LMHead', 'AdaptiveHead', 'head_peak_mb', 'head_benchmark']
+__all__ = ['HEAD_IMPLS', 'chunk_nll_', 'softmax_chunk_nll_', 'fused_linear_ce', 'linear_cross_entropy_op',
+           'linear_cross_entropy_backward_op', 'linear_cross_entropy', 'bf16_is_fast', 'LMHead', 'AdaptiveHead',
+           'head_peak_mb', 'head_benchmark']
 
 # %% ../nbs/02a_head.ipynb #37194327
 def chunk_nll_(
@@ -35,6 +36,22 @@ def chunk_nll_(
     nll = (s.log() + m - target).squeeze(1) * valid
     if with_grad:
         z.div_(s)
+        z[torch.arange(len(y), device=z.device), y] -= 1
+        if not valid.all(): z.mul_(valid[:, None])
+    return nll
+
+# %% ../nbs/02a_head.ipynb #b1a77a52
+def softmax_chunk_nll_(
+    z: Tensor,      # (C, V) fp32 logits of C tokens; overwritten
+    y: Tensor,      # (C,) target ids, each in [0, V) (ignored tokens: any valid id)
+    valid: Tensor,  # (C,) bool: the token counts
+    with_grad: bool # leave dNLL/dz = softmax(z) - onehot(y) in `z`
+) -> Tensor:
+    "`chunk_nll_` in one softmax pass, its normaliser read back from the largest probability"
+    m, target = z.amax(-1), z.gather(1, y[:, None]).squeeze(1)
+    torch.softmax(z, -1, out=z)
+    nll = (m - z.amax(-1).log() - target) * valid
+    if with_grad:
         z[torch.arange(len(y), device=z.device), y] -= 1
         if not valid.all(): z.mul_(valid[:, None])
     return nll
@@ -59,6 +76,7 @@ def fused_linear_ce(
     gb = h.new_zeros(V) if with_grad and bias is not None else h.new_empty(0)
     z = h.new_empty(min(chunk_size, T), V)                       # the one buffer
     zc, gWc = (z, None) if cdt == h.dtype else (torch.empty_like(z, dtype=cdt), torch.empty_like(Wc))
+    nll_of = chunk_nll_ if zc is z else softmax_chunk_nll_
     for s in range(0, T, chunk_size):
         e = min(s + chunk_size, T)
         zs, zcs = z[: e - s], zc[: e - s]
@@ -66,13 +84,13 @@ def fused_linear_ce(
         if zc is not z: zs.copy_(zcs)
         if bias is not None: zs.add_(bias)
         y = targets[s:e]; valid = y != ignore_index
-        nll[s:e] = chunk_nll_(zs, torch.where(valid, y, 0), valid, with_grad)
+        nll[s:e] = nll_of(zs, torch.where(valid, y, 0), valid, with_grad)
         if not with_grad: continue
+        if bias is not None: gb.add_(zs.sum(0))
         if zc is not z: zcs.copy_(zs)
         gh[s:e] = torch.mm(zcs, Wc)
         if gWc is None: gW.addmm_(zcs.T, hc[s:e])
         else: gW.add_(torch.mm(zcs.T, hc[s:e], out=gWc))
-        if bias is not None: gb.add_(zs.sum(0))
     return nll, gh, gW, gb
 
 # %% ../nbs/02a_head.ipynb #ae30367d
