@@ -49,7 +49,7 @@ def softmax_chunk_nll_(
 ) -> Tensor:
     "`chunk_nll_` in one softmax pass, its normaliser read back from the largest probability"
     m, target = z.amax(-1), z.gather(1, y[:, None]).squeeze(1)
-    torch.softmax(z, -1, out=z)
+    torch.softmax(z, -1, out=z)  # in place: softmax reads each element of a row before writing it (checked below)
     nll = (m - z.amax(-1).log() - target) * valid
     if with_grad:
         z[torch.arange(len(y), device=z.device), y] -= 1
@@ -86,11 +86,11 @@ def fused_linear_ce(
         y = targets[s:e]; valid = y != ignore_index
         nll[s:e] = nll_of(zs, torch.where(valid, y, 0), valid, with_grad)
         if not with_grad: continue
-        if bias is not None: gb.add_(zs.sum(0))
         if zc is not z: zcs.copy_(zs)
         gh[s:e] = torch.mm(zcs, Wc)
         if gWc is None: gW.addmm_(zcs.T, hc[s:e])
         else: gW.add_(torch.mm(zcs.T, hc[s:e], out=gWc))
+        if bias is not None: gb.add_(zs.sum(0))
     return nll, gh, gW, gb
 
 # %% ../nbs/02a_head.ipynb #ae30367d
