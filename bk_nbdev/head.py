@@ -18,9 +18,20 @@ from .flops import LOG_SOFTMAX_FLOPS
 from .runtime import in_fresh_process, peak_memory, reset_peak_memory
 
 # %% auto #0
-__all__ = ['HEAD_IMPLS', 'chunk_nll_', 'softmax_chunk_nll_', 'fused_linear_ce', 'linear_cross_entropy_op',
+__all__ = ['HEAD_IMPLS', 'minus_onehot_', 'chunk_nll_', 'softmax_chunk_nll_', 'fused_linear_ce', 'linear_cross_entropy_op',
            'linear_cross_entropy_backward_op', 'linear_cross_entropy', 'bf16_is_fast', 'LMHead', 'AdaptiveHead',
            'head_peak_mb', 'head_benchmark']
+
+# %% ../nbs/02a_head.ipynb #ef638f6b
+def minus_onehot_(
+    p: Tensor,     # (C, V) probabilities of C tokens; overwritten
+    y: Tensor,     # (C,) target ids
+    valid: Tensor, # (C,) bool: the token counts
+) -> Tensor:
+    "p − onehot(y) in place, rows of ignored tokens zeroed: the cross-entropy's gradient for the logits"
+    p[torch.arange(len(y), device=p.device), y] -= 1
+    if not valid.all(): p.mul_(valid[:, None])
+    return p
 
 # %% ../nbs/02a_head.ipynb #37194327
 def chunk_nll_(
@@ -34,10 +45,7 @@ def chunk_nll_(
     target = z.gather(1, y[:, None])
     s = z.sub_(m).exp_().sum(-1, keepdim=True)
     nll = (s.log() + m - target).squeeze(1) * valid
-    if with_grad:
-        z.div_(s)
-        z[torch.arange(len(y), device=z.device), y] -= 1
-        if not valid.all(): z.mul_(valid[:, None])
+    if with_grad: minus_onehot_(z.div_(s), y, valid)
     return nll
 
 # %% ../nbs/02a_head.ipynb #b1a77a52
@@ -51,9 +59,7 @@ def softmax_chunk_nll_(
     m, target = z.amax(-1), z.gather(1, y[:, None]).squeeze(1)
     torch.softmax(z, -1, out=z)  # in place: softmax reads each element of a row before writing it (checked below)
     nll = (m - z.amax(-1).log() - target) * valid
-    if with_grad:
-        z[torch.arange(len(y), device=z.device), y] -= 1
-        if not valid.all(): z.mul_(valid[:, None])
+    if with_grad: minus_onehot_(z, y, valid)
     return nll
 
 # %% ../nbs/02a_head.ipynb #16bde013
