@@ -196,9 +196,10 @@ static void store_$S($F *dst, long len, long R, long r0, long i0, long off, int 
 C_DIAGONAL = r"""
 /* tile (t, w) <- the diagonal at row r0 + w, position i0 + t: a (complex) or, where a is NULL, (v + h0) - z for a real
    v (rows of length N) and z one complex number per row (zs = 1) or one for all rows (zs = 0): the same operations,
-   in the same order, as building a in torch. */
+   in the same order, as building a in torch. fin (per lane, may be NULL): v's check, in the same loop: v - v is 0 where v
+   is finite and NaN where it is inf or NaN, and fin adds it up. */
 static void load_diag_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, long N, long R, long r0, long i0,
-                         int nt, int dir, tile_$S re, tile_$S im) {
+                         int nt, int dir, tile_$S re, tile_$S im, $F *fin) {
   if (a) { load_$S(a, N, R, r0, i0, 0, nt, dir, 0, re, im); return; }
   const $F *rows[W]; $F h = h0, zr[W], zi[W];
   for (int w = 0; w < W; w++) {
@@ -210,7 +211,10 @@ static void load_diag_$S(const $F *a, const $F *v, double h0, const $F *z, long 
   if (sizeof($F) == 4 && W % 8 == 0 && nt % 8 == 0 && r0 + W <= R) load_real_fast((const float *const *)rows, nt, (float (*)[W])re); else
 #endif
   for (int w = 0; w < W; w++) for (int t = 0; t < nt; t++) re[t][w] = rows[w][t];
-  for (int t = 0; t < nt; t++) LANES { re[t][w] = (re[t][w] + h) - zr[w]; im[t][w] = zi[w]; }
+  for (int t = 0; t < nt; t++) {
+    if (fin) LANES fin[w] += re[t][w] - re[t][w];
+    LANES { re[t][w] = (re[t][w] + h) - zr[w]; im[t][w] = zi[w]; }
+  }
 }
 /* dst[row r0 + w, position i0 + t] <- re (t, w), real rows of length N, for the rows that exist */
 static void store_real_$S($F *dst, long N, long R, long r0, long i0, int nt, tile_$S re) {
@@ -245,19 +249,23 @@ static inline void pivots_$S(int first, $F *ar, $F *ai, $F *br, $F *bi, $F *gr, 
 # %% ../nbs/01_bk_core.ipynb #8c2bb915
 C_LEFT_SWEEP = r"""
 /* The pivots of a group of W rows from row r0, left to right: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}. Causal: G <- 1/d,
-   with d in a register-sized array; bidirectional: left <- 1/d and G <- d, for the right sweep. */
-static void left_sweep_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, const $F *b, $F *G, $F *left,
-                          long R, long N, long r0, int causal) {
-  tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0}, one[W], zero[W], dcr[W], dci[W];
+   with d in a register-sized array; bidirectional: left <- 1/d and G <- d, for the right sweep. Returns 1 where a real v
+   held inf or NaN (its check, as it is read), else 0. */
+static int left_sweep_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, const $F *b, $F *G, $F *left,
+                         long R, long N, long r0, int causal) {
+  tile_$S ar, ai, br, bi, dr, di, gr_, gi_; $F gr[W] = {0}, gi[W] = {0}, one[W], zero[W], dcr[W], dci[W], fin[W] = {0};
   LANES { one[w] = 1; zero[w] = 0; }  /* b = 1 in registers */
   for (long i0 = 0; i0 < N; i0 += T_$S) {
     int nt = N - i0 < T_$S ? N - i0 : T_$S;
-    load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, 1, ar, ai); if (b) load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
+    load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, 1, ar, ai, fin); if (b) load_$S(b, N - 1, R, r0, i0, -1, nt, 1, 1, br, bi);
     for (int t = 0; t < nt; t++) pivots_$S(i0 + t == 0, ar[t], ai[t], b ? br[t] : one, b ? bi[t] : zero, gr, gi,
                                           causal ? dcr : dr[t], causal ? dci : di[t], gr_[t], gi_[t]);
     if (causal) { store_$S(G, N, R, r0, i0, 0, nt, gr_, gi_); continue; }
     store_$S(left, N, R, r0, i0, 0, nt, gr_, gi_); store_$S(G, N, R, r0, i0, 0, nt, dr, di);
   }
+  int bad = 0;
+  for (int w = 0; w < W; w++) bad |= fin[w] != fin[w];
+  return bad;
 }
 """
 
@@ -270,7 +278,7 @@ static void right_sweep_$S(const $F *a, const $F *v, double h0, const $F *z, lon
   tile_$S ar, ai, br, bi, dr, di; $F gr[W] = {0}, gi[W] = {0};
   for (long e0 = 0; e0 < N; e0 += T_$S) {  /* tiles from the right end */
     int nt = N - e0 < T_$S ? N - e0 : T_$S; long i0 = N - e0 - nt;
-    load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, -1, ar, ai); load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, br, bi);
+    load_diag_$S(a, v, h0, z, zs, N, R, r0, i0, nt, -1, ar, ai, NULL); load_$S(b, N - 1, R, r0, i0, 0, nt, -1, 1, br, bi);
     load_$S(G, N, R, r0, i0, 0, nt, -1, 0, dr, di);
     for (int t = nt - 1; t >= 0; t--) {
       $F er[W], ei[W];
@@ -287,13 +295,16 @@ static void right_sweep_$S(const $F *a, const $F *v, double h0, const $F *z, lon
 C_FORWARD = r"""
 /* Causal: d_0 = a_0, d_i = a_i - b_{i-1}/d_{i-1}; out g_i = 1/d_i. The diagonal a, or v, h0, z: see load_diag.
    Bidirectional: also e_{N-1} = a_{N-1}, e_i = a_i - b_i/e_{i+1}; out G_i = 1/(d_i + e_i - a_i), left_i = 1/d_i,
-   right_i = 1/e_i (G holds d_i between the two passes). */
+   right_i = 1/e_i (G holds d_i between the two passes). *nonfinite <- 1 where a real v held inf or NaN, else 0. */
 void bk_forward_$S(const $F *a, const $F *v, double h0, const $F *z, long zs, const $F *b, $F *G, $F *left, $F *right,
-                   long R, long N, int causal) {
-  GROUP_LOOP {
-    left_sweep_$S(a, v, h0, z, zs, b, G, left, R, N, r0, causal);
+                   long R, long N, int causal, int *nonfinite) {
+  int bad = 0;
+#pragma omp parallel for schedule(static) reduction(|:bad)
+  for (long r0 = 0; r0 < R; r0 += W) {
+    bad |= left_sweep_$S(a, v, h0, z, zs, b, G, left, R, N, r0, causal);
     if (!causal) right_sweep_$S(a, v, h0, z, zs, b, G, right, R, N, r0);
   }
+  *nonfinite = bad;
 }
 """
 
@@ -430,9 +441,9 @@ def _c_library():
         warnings.warn(f"BK-Core: compiled CPU kernel unavailable ({e}); falling back to the torch recurrence, "
                       "which is exact but much slower.")
         return None
-    P, L, I, D = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double
+    P, L, I, D, IP = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_double, ctypes.POINTER(ctypes.c_int)
     for sfx in ("c64", "c128"):
-        getattr(lib, f"bk_forward_{sfx}").argtypes = [P, P, D, P, L, P, P, P, P, L, L, I]
+        getattr(lib, f"bk_forward_{sfx}").argtypes = [P, P, D, P, L, P, P, P, P, L, L, I, IP]
         getattr(lib, f"bk_backward_{sfx}").argtypes = [P, P, P, P, P, P, P, L, L, I, I]
     return lib
 
@@ -453,13 +464,15 @@ def _ones_if_empty(beta: Tensor, like: Tensor) -> Tensor:
 
 # %% ../nbs/01_bk_core.ipynb #c159a4d0
 def _run_forward(lib, alpha, v, h0, z, beta, causal, dtype):
-    "The forward kernel on the diagonal alpha, or (alpha None) on v, h0, z: G and, bidirectional, 1/d and 1/e"
+    "The forward kernel on the diagonal alpha, or (alpha None) on v, h0, z, checking v: G and, bidirectional, 1/d and 1/e"
     R, N = (v if alpha is None else alpha).shape
     b = beta.contiguous() if beta.numel() else None
     G = torch.empty(R, N, dtype=dtype)
     left, right = (torch.empty(0 if causal else (R, N), dtype=dtype) for _ in "lr")  # causal: 1/d is G itself
+    bad = ctypes.c_int(0)
     getattr(lib, f"bk_forward_{_sfx(G)}")(_ptr(alpha), _ptr(v), h0, _ptr(z), int(z is not None and z.dim() == 1),
-                                          _ptr(b), _ptr(G), _ptr(left), _ptr(right), R, N, int(causal))
+                                          _ptr(b), _ptr(G), _ptr(left), _ptr(right), R, N, int(causal), ctypes.byref(bad))
+    if bad.value: raise _not_finite("v")
     return G, left, right
 
 # %% ../nbs/01_bk_core.ipynb #471dead7
@@ -531,13 +544,17 @@ def _backward_torch(grad_G, beta, G, left, right, causal):
         lam_d = lam_d + torch.stack(lam_e, 1) - mu
     return lam_d, gb if given.numel() else torch.zeros_like(given)
 
+# %% ../nbs/01_bk_core.ipynb #7541bfb7
+def _not_finite(name: str) -> ValueError:
+    "The error for inf or NaN in the input `name`"
+    return ValueError(f"bk_core: {name} contains non-finite values (inf or NaN); the resolvent is only defined for "
+                      "finite input")
+
 # %% ../nbs/01_bk_core.ipynb #9af8baef
 def _check_finite(name, t):
     "Refuse inf or NaN in t, in one pass over it: its smallest and largest values (NaN propagates to both)"
     lo, hi = torch.aminmax(torch.view_as_real(t) if t.is_complex() else t) if t.numel() else (t.new_zeros(()),) * 2
-    if not (lo.isfinite() & hi.isfinite()):
-        raise ValueError(f"bk_core: {name} contains non-finite values (inf or NaN); the resolvent is only defined "
-                         "for finite input")
+    if not (lo.isfinite() & hi.isfinite()): raise _not_finite(name)
 
 # %% ../nbs/01_bk_core.ipynb #58bf8cbd
 def _check_shift(im_z: Tensor):
@@ -547,9 +564,10 @@ def _check_shift(im_z: Tensor):
                          f"{im_z.min().item():g}")
 
 # %% ../nbs/01_bk_core.ipynb #ffbd43c8
-def _check_real_input(v: Tensor, z: Tensor, beta: Tensor):
-    "What `resolvent_diag_real` refuses: inf or NaN in v, z or b² (the squared off-diagonals), or Im z <= 0"
-    _check_finite("v", v); _check_finite("z", z); _check_shift(z.imag); _check_finite("b²", beta)
+def _check_real_input(v: Tensor | None, z: Tensor, beta: Tensor):
+    "What `resolvent_diag_real` refuses: inf or NaN in v (None: checked by the kernel), z or b² (squared off-diagonals), Im z <= 0"
+    if v is not None: _check_finite("v", v)
+    _check_finite("z", z); _check_shift(z.imag); _check_finite("b²", beta)
 
 # %% ../nbs/01_bk_core.ipynb #663be28a
 def _check_diagonal(alpha: Tensor, beta: Tensor):
@@ -585,7 +603,8 @@ def _(grad_G, beta, G, left, right, causal, real):
 @torch.library.custom_op("bk_nbdev::resolvent_diag_real", mutates_args=())
 def resolvent_diag_real_op(v: Tensor, h0: float, z: Tensor, beta: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor]:
     "`resolvent_diag` of α = v + h0 − z: v real (R, N), z complex () or (R,)"
-    _check_real_input(v, z, beta)
+    in_kernel = not v.is_cuda and _c_library() is not None  # the C kernel checks v as it reads it: no pass of its own
+    _check_real_input(None if in_kernel else v, z, beta)
     if v.is_cuda:
         alpha = _diagonal(v, h0, z)
         return triton_forward(alpha, _ones_if_empty(beta, alpha), causal)
