@@ -565,7 +565,7 @@ def _check_shift(im_z: Tensor):
 
 # %% ../nbs/01_bk_core.ipynb #ffbd43c8
 def _check_real_input(v: Tensor | None, z: Tensor, beta: Tensor):
-    "What `resolvent_diag_real` refuses: inf or NaN in v (None: checked by the kernel), z or b² (squared off-diagonals), Im z <= 0"
+    "What `resolvent_diag_real` refuses: inf or NaN in v (None: the kernel checks it), z or b² (b squared), or Im z <= 0"
     if v is not None: _check_finite("v", v)
     _check_finite("z", z); _check_shift(z.imag); _check_finite("b²", beta)
 
