@@ -18,11 +18,11 @@ from .bk_triton import triton_forward, triton_backward
 from .runtime import cache_dir
 
 # %% auto #0
-__all__ = ['C_HEADER', 'C_TRANSPOSE', 'C_TILES', 'C_REAL_TILES', 'C_COPIES', 'C_STORE', 'C_DIAGONAL', 'C_PIVOTS', 'C_LEFT_SWEEP',
-           'C_RIGHT_SWEEP', 'C_FORWARD', 'C_ADJOINT', 'C_LEFT_ADJOINT', 'C_RIGHT_ADJOINT', 'C_BACKWARD', 'C_TEMPLATES',
-           'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots', 'resolvent_diag_recurrence',
-           'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op', 'resolvent_diag_real_op', 'bk_core',
-           'memory_profile']
+__all__ = ['C_HEADER', 'C_TRANSPOSE', 'C_TILES', 'C_REAL_TILES', 'C_COPIES', 'C_STORE', 'C_DIAGONAL', 'C_STORE_REAL', 'C_PIVOTS',
+           'C_LEFT_SWEEP', 'C_RIGHT_SWEEP', 'C_FORWARD', 'C_ADJOINT', 'C_LEFT_ADJOINT', 'C_RIGHT_ADJOINT', 'C_BACKWARD',
+           'C_TEMPLATES', 'C_SOURCE', 'BK_FLOPS_PER_ELEMENT', 'dense_resolvent_diag', 'pivots',
+           'resolvent_diag_recurrence', 'cpu_backend', 'resolvent_diag_op', 'resolvent_diag_backward_op',
+           'resolvent_diag_real_op', 'bk_core', 'memory_profile']
 
 # %% ../nbs/01_bk_core.ipynb #b075cb55
 def dense_resolvent_diag(
@@ -216,6 +216,10 @@ static void load_diag_$S(const $F *a, const $F *v, double h0, const $F *z, long 
     LANES { re[t][w] = (re[t][w] + h) - zr[w]; im[t][w] = zi[w]; }
   }
 }
+"""
+
+# %% ../nbs/01_bk_core.ipynb #27b0c770
+C_STORE_REAL = r"""
 /* dst[row r0 + w, position i0 + t] <- re (t, w), real rows of length N, for the rows that exist */
 static void store_real_$S($F *dst, long N, long R, long r0, long i0, int nt, tile_$S re) {
   $F *rows[W];
@@ -394,8 +398,8 @@ void bk_backward_$S(const $F *gG, const $F *b, const $F *G, const $F *left, cons
 """
 
 # %% ../nbs/01_bk_core.ipynb #0cd8f08d
-C_TEMPLATES = (C_COPIES, C_STORE, C_DIAGONAL, C_PIVOTS, C_LEFT_SWEEP, C_RIGHT_SWEEP, C_FORWARD, C_ADJOINT, C_LEFT_ADJOINT,
-               C_RIGHT_ADJOINT, C_BACKWARD)  # written once for both precisions
+C_TEMPLATES = (C_COPIES, C_STORE, C_DIAGONAL, C_STORE_REAL, C_PIVOTS, C_LEFT_SWEEP, C_RIGHT_SWEEP, C_FORWARD, C_ADJOINT,
+               C_LEFT_ADJOINT, C_RIGHT_ADJOINT, C_BACKWARD)  # written once for both precisions
 C_SOURCE = C_HEADER + C_TRANSPOSE + C_TILES + C_REAL_TILES + "".join(
     Template("".join(C_TEMPLATES)).substitute(F=F, S=S) for F, S in (("double", "c128"), ("float", "c64")))
 
