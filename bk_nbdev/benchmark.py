@@ -15,6 +15,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from fastcore.imports import in_ipython
 
 import bk_nbdev
+from .bk_cpu import cpu_backend
 from .config import BenchmarkConfig, load_preset
 from .curves import plot_curves, plot_training_flops
 from .data import Corpus, load_corpus
@@ -89,7 +90,7 @@ def run_metadata(device: torch.device, seed: int) -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "bf16_native": bf16_is_fast(device), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            "seed": seed}
+            "bk_core_backend": "triton" if device.type == "cuda" else cpu_backend(), "seed": seed}
 
 # %% ../nbs/06_benchmark.ipynb #dc2c26a5
 def results_of(config: BenchmarkConfig, r: TrainResult, parameters: int, metadata: dict) -> BenchmarkResults:
