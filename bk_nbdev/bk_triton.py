@@ -32,6 +32,8 @@ if triton is not None:
     def _cmul(ar, ai, br, bi):
         return ar * br - ai * bi, ar * bi + ai * br
 
+# %% ../nbs/01a_bk_triton.ipynb #ca650224
+if triton is not None:
     @triton.jit
     def _bk_forward_kernel(a, b, G, L, Rt, R, N, s_n, sb_n, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
         "Pivots along the sequence; rows = lanes. Layout (N, R, 2): element (i, r) at i*s_n + 2r"
@@ -91,6 +93,8 @@ if triton is not None:
         nr, ni = _cmul(k_r, k_i, cr, ci)
         return mr + nr, mi + ni, -(k_r * gr + k_i * gi), -(k_i * gr - k_r * gi)
 
+# %% ../nbs/01a_bk_triton.ipynb #9115fd1f
+if triton is not None:
     @triton.jit
     def _bk_backward_kernel(gG, b, G, L, Rt, ga, gb, R, N, s_n, sb_n, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
