@@ -12,16 +12,15 @@ from pathlib import Path
 from .results import load_runs, quality_target, resolved, transformer_of
 from .tables import (
     TRACK, TRACK_FIGURES, TRACK_TOKENS, claims_rows, figure_cells, figures_of, gain_text, machine_of, md_table, ratio_words,
-    same_kind, study_metadata, track_rows, track_run)
+    same_kind, track_rows, track_run)
 
 # %% auto #0
-__all__ = ['RUNS', 'TRACK_STUDIES', 'TRACK_BUDGETS', 'CONTROLS', 'MIXER_OF', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS',
-           'WHOLE_SEEDS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet', 'scaling_bullet',
-           'track_sentence', 'controls_summary', 'seeded', 'seeded_gain', 'controls_bullet', 'mark_unresolved',
-           'seeded_rows', 'seeded_group', 'seeds_study', 'track_seeds', 'track_seeded_groups', 'seeds_sentence',
-           'track_seeds_sentence', 'gain_on_one_kind', 'whole_group', 'whole_gains', 'whole_seeded_groups',
-           'whole_seeds_sentence', 'track_groups', 'wins_table', 'claims_bullet', 'claims_table', 'main_job_cost',
-           'superseded_line', 'answer_section']
+__all__ = ['RUNS', 'CONTROLS', 'MIXER_OF', 'QUICK_RUNS', 'TRACK_SEEDS', 'WHOLE_CONTROLS', 'WHOLE_SEEDS', 'TRACK_STUDIES',
+           'TRACK_BUDGETS', 'run_of', 'budget_line', 'ratio', 'verdict', 'quick_bullet', 'whole_bullet',
+           'controls_summary', 'seeded', 'seeded_gain', 'mark_unresolved', 'seeded_rows', 'seeded_group', 'seeds_study',
+           'track_seeds', 'track_seeded_groups', 'gain_on_one_kind', 'whole_group', 'whole_seeded_groups',
+           'track_groups', 'wins_table', 'mixing_bullet', 'track_best', 'scaling_bullet', 'claims_bullet',
+           'claims_table', 'main_job_cost', 'superseded_line', 'answer_section']
 
 # %% ../nbs/09b_report.ipynb #a91392aa
 RUNS = {"quick": ("resnet_bk_full_quick", "resnet_bk_baseline_quick", "transformer_quick"),  # study -> (full, baseline, Transformer)
@@ -84,45 +83,6 @@ def whole_bullet(ref: Path) -> str:
             f"optimizations (`full`) {f['test_perplexity']:,.1f} ({ratio(w, full):.2f}×), at {cost} and "
             f"{abs(mem):.0%} {'more' if mem > 0 else 'less'} peak memory.")
 
-# %% ../nbs/09b_report.ipynb #83ffddb1
-def scaling_bullet(ref: Path) -> str:
-    "How much faster ResNet-BK's training step is at the longest N the scaling study measured, then the track's quality"
-    s = json.loads((ref/"scaling"/"scaling.json").read_text())
-    t = {(r["part"], r["model"], r["N"]): r["fwd_bwd_s"] for r in s["rows"]}
-    n = max(N for p, m, N in t if p == "model" and m == "resnet_bk" and ("model", "transformer", N) in t)
-    x = lambda p: t[p, "transformer", n] / t[p, "resnet_bk", n]
-    return (f"**Long sequences are where its O(N) mixing should pay.** At N = {n:,} a training step (forward and "
-            f"backward) is {ratio_words(x('model'), 'faster', 'slower')} than the Transformer's, "
-            f"{ratio_words(x('model_no_head'), 'faster', 'slower')} without the LM head (08). {track_sentence(ref)}")
-
-# %% ../nbs/09b_report.ipynb #8bc86587
-TRACK_STUDIES = {"quick": ("track_quick", (128, 2048, 16_384)), "whole": ("track_whole", (2048,))}  # budget -> (study, lengths)
-TRACK_BUDGETS = {"quick": "quick budget", "whole": "whole split"}  # budget -> its name in prose and headings
-
-def _took(r: dict) -> str:
-    "A track row's time to the Transformer's quality, in words"
-    v = r["to_quality"]
-    return "not measured" if v is None else v if isinstance(v, str) else f"in {v:,.0f} s"
-
-# %% ../nbs/09b_report.ipynb #133c375c
-def _at(rows: list[dict], N: int) -> str:
-    "The track's `rows` at length `N`: test perplexities, and the time to the Transformer's quality"
-    mine = [r for r in rows if r["N"] == N]
-    return (f"at N = {N:,}, test perplexity " + ", ".join(f"{r['model']} {r['test_ppl']:,.1f}" for r in mine) +
-            " (to the Transformer's final validation quality: " + ", ".join(f"{r['model']} {_took(r)}" for r in mine) + ")")
-
-# %% ../nbs/09b_report.ipynb #1c91cd37
-def track_sentence(ref: Path) -> str:
-    "Per budget of the track, at each length beyond 128 it measured: test perplexities, and the time to the Transformer's quality"
-    said = []
-    for budget, (name, _) in TRACK_STUDIES.items():
-        rows = [r for r in track_rows(ref/name, budget) if r["N"] > 128 and "missing" not in r]
-        lead = f"{'on' if budget == 'whole' else 'at'} the {TRACK_BUDGETS[budget]}: "
-        if rows: said.append(lead + "; ".join(_at(rows, N) for N in dict.fromkeys(r["N"] for r in rows)) + ".")
-    if not said: return "Its quality at long context is not measured yet."
-    return (f"On the long-context track (one seed, {TRACK_TOKENS:,} tokens per step), in quality {said[0]}" +
-            "".join(f" {s[0].upper()}{s[1:]}" for s in said[1:]))
-
 # %% ../nbs/09b_report.ipynb #0ae1b9e4
 CONTROLS = {"baseline_quick": "baseline_quick_no_mixer", "transformer_quick": "transformer_quick_no_mixer"}  # model -> control
 
@@ -140,18 +100,6 @@ MIXER_OF = {"ResNet-BK": "ResNet-BK's mixer", "Transformer": "the Transformer's 
 def seeded_gain(control: dict, model: dict) -> str:
     "How much worse a model's control is (its mean test perplexity over the model's), resolved by the seeds or not"
     return gain_text(control['test_ppl'] / model['test_ppl'] - 1) + ("" if resolved(control, model)[2] else ", not resolved")
-
-# %% ../nbs/09b_report.ipynb #4a6d7112
-def controls_bullet(ref: Path) -> str:
-    "Each model's test perplexity with and without its mixer at the quick budget, over seeds, and the LSTM's"
-    s = controls_summary(ref)
-    machine = machine_of(study_metadata(ref/"controls")[0])
-    gain = lambda run: seeded_gain(s[CONTROLS[run]], s[run])
-    return (f"**What the mixing is worth.** At the quick budget ResNet-BK {seeded(s['baseline_quick'])}, without its "
-            f"mixer {seeded(s['baseline_quick_no_mixer'])} ({gain('baseline_quick')}); the Transformer "
-            f"{seeded(s['transformer_quick'])}, without attention {seeded(s['transformer_quick_no_mixer'])} "
-            f"({gain('transformer_quick')}); the LSTM {seeded(s['lstm_quick'])} (test perplexity over "
-            f"{s['baseline_quick']['seeds']} seeds, on {machine}).")
 
 # %% ../nbs/09b_report.ipynb #cfe58e0d
 def mark_unresolved(rows: list[dict], summary: dict[str, dict]) -> list[dict]:
@@ -202,20 +150,6 @@ def track_seeded_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
     "The track's seeds studies as groups of the table (`seeded_rows`)"
     return [(f"{N:,} × {TRACK_TOKENS // N}", f"quick, {n} seeds", seeded_rows(s, c)) for N, n, s, c in track_seeds(ref)]
 
-# %% ../nbs/09b_report.ipynb #608704fc
-def seeds_sentence(where: str, n: int, s: dict[str, dict], c: dict[str, dict]) -> str:
-    "A seeds study in words: each model's mean test ppl ± sd, whether the lowest is ahead beyond the spread, the mixers' gains"
-    said = ", ".join(f"{m} {seeded(r)}" for m, r in s.items())
-    if len(s) > 1:
-        (lo, a), (runner, b) = sorted(s.items(), key=lambda kv: kv[1]["test_ppl"])[:2]
-        said += f"; {lo} ahead of {runner} {'beyond' if resolved(b, a)[2] else 'within'} the seeds' spread"
-    return f" Over {n} seeds {where}: {said}" + "".join(f"; {MIXER_OF[m]} {seeded_gain(r, s[m])}" for m, r in c.items()) + "."
-
-# %% ../nbs/09b_report.ipynb #85174509
-def track_seeds_sentence(ref: Path) -> str:
-    "The track's seeds studies in words (`seeds_sentence`)"
-    return "".join(seeds_sentence(f"at N = {N:,} (quick budget)", n, s, c) for N, n, s, c in track_seeds(ref))
-
 # %% ../nbs/09b_report.ipynb #2c48473b
 def gain_on_one_kind(r: dict, control: dict, rerun: dict | None) -> tuple[float, str | None]:
     "r's gain over `control` and a note: from `rerun` (r's preset rerun on the control's CPU kind) if r ran on another kind"
@@ -251,18 +185,6 @@ def whole_group(ref: Path) -> tuple[str, str, list[dict]]:
     rows = [row(m, run_of(w, n), WHOLE_CONTROLS[m]) for m, n in (("ResNet-BK", base), ("Transformer", tr))]
     return "128 × 32", "whole split", rows + [row("LSTM", more.get("lstm"), None)]
 
-# %% ../nbs/09b_report.ipynb #bb8f35cb
-def whole_gains(ref: Path) -> str:
-    "What ResNet-BK's mixer and the Transformer's attention are worth on the whole split, and the LSTM there, where measured"
-    rows = {r["model"]: r for r in whole_group(ref)[2]}
-    said = [f"{what} {rows[m]['text'].get('gain') or gain_text(rows[m]['gain'])}"
-            for m, what in MIXER_OF.items()
-            if isinstance(rows[m]["gain"], float)]
-    if "test_ppl" in rows["LSTM"]:  # the O(N) peer
-        said.append(f"the LSTM {rows['LSTM']['test_ppl']:,.1f} ({rows['LSTM']['test_ppl'] / rows['Transformer']['test_ppl']:.2f}× "
-                    "the Transformer's)")
-    return f" On the whole split (one seed): {'; '.join(said)}." if said else ""
-
 # %% ../nbs/09b_report.ipynb #4f2d0a02
 WHOLE_SEEDS = {"ResNet-BK": ("baseline", "baseline_no_mixer"), "Transformer": ("transformer", "transformer_no_mixer"),
                "LSTM": ("lstm", None)}  # model -> its whole-split preset and its control's
@@ -273,10 +195,9 @@ def whole_seeded_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
     n, s, c = study
     return [("128 × 32", f"whole split, {n} seeds", seeded_rows(s, c))]
 
-# %% ../nbs/09b_report.ipynb #cac0d43e
-def whole_seeds_sentence(ref: Path) -> str:
-    "The whole split over seeds in words (`seeds_sentence`), or ''"
-    return seeds_sentence("on the whole split", *study) if (study := seeds_study(ref/"whole_seeds", WHOLE_SEEDS)) else ""
+# %% ../nbs/09b_report.ipynb #8bc86587
+TRACK_STUDIES = {"quick": ("track_quick", (128, 2048, 16_384)), "whole": ("track_whole", (2048,))}  # budget -> (study, lengths)
+TRACK_BUDGETS = {"quick": "quick budget", "whole": "whole split"}  # budget -> its name in prose and headings
 
 # %% ../nbs/09b_report.ipynb #06858e89
 def track_groups(ref: Path) -> list[tuple[str, str, list[dict]]]:
@@ -296,6 +217,54 @@ def wins_table(ref: Path) -> str:
     groups = [seeded_group(ref), whole_group(ref), *whole_seeded_groups(ref), *track_groups(ref)]
     rows = [[n, b, r["model"], *c] for n, b, g in groups for r, c in zip(g, figure_cells(g, bold=True), strict=True)]
     return md_table(["N × batch", "budget", "model", *(h for h, *_ in TRACK_FIGURES.values())], rows)
+
+# %% ../nbs/09b_report.ipynb #ab945b53
+def _gain_said(r: dict, where: str, runs: str) -> str | None:
+    "A row's mixer gain `where` it was measured, its caveats after `runs` (e.g. '3 seeds') in parentheses; None if it has none"
+    if not isinstance(r.get("gain"), float): return None
+    gain, _, caveat = (r.get("text", {}).get("gain") or gain_text(r["gain"])).partition(", ")
+    return f"{gain} {where} ({', '.join(filter(None, [runs, caveat]))})"
+
+# %% ../nbs/09b_report.ipynb #7bbbaa53
+def mixing_bullet(ref: Path) -> str:
+    "Each model's mixer gain at the quick budget and on the whole split (over seeds where studied); the LSTM's perplexity at both"
+    s, whole = controls_summary(ref), {r["model"]: (r, "one seed") for r in whole_group(ref)[2]}
+    for _, budget, g in whole_seeded_groups(ref): whole |= {r["model"]: (r, budget.partition(", ")[2]) for r in g if r["gain"]}
+    n, lstm, tr = s["baseline_quick"]["seeds"], whole["LSTM"][0], whole["Transformer"][0]
+    quick = {m: {"gain": s[c]["test_ppl"] / s[QUICK_RUNS[m]]["test_ppl"] - 1, "text": {"gain": seeded_gain(s[c], s[QUICK_RUNS[m]])}}
+             for m, c in (("ResNet-BK", CONTROLS["baseline_quick"]), ("Transformer", CONTROLS["transformer_quick"]))}
+    said = [f"{what} " + ", ".join(filter(None, [_gain_said(quick[m], "at the quick budget", f"{n} seeds"),
+                                                 _gain_said(whole[m][0], "on the whole split", whole[m][1])]))
+            for m, what in MIXER_OF.items()]
+    return (f"**What the mixing is worth** (how much worse a model does without it): {'; '.join(said)}. The LSTM, with no "
+            f"mixer to remove: {seeded(s['lstm_quick'])} at the quick budget, {lstm['test_ppl']:,.1f} on the whole split "
+            f"({lstm['test_ppl'] / tr['test_ppl']:.2f}× the Transformer's).")
+
+# %% ../nbs/09b_report.ipynb #7507eb95
+def track_best(ref: Path) -> str:
+    "The lowest test perplexity in each of the table's groups at N > 128, by budget; or that none is measured yet"
+    said = {}
+    for n, budget, g in track_groups(ref):
+        rows = [r for r in g if "test_ppl" in r]
+        if not rows or int(n.partition(" ")[0].replace(",", "")) <= 128: continue
+        best, (kind, _, seeds) = min(rows, key=lambda r: r["test_ppl"]), budget.partition(", ")
+        caveat = ", not resolved" if "not resolved" in best.get("text", {}).get("test_ppl", "") else ""
+        who = best["model"] if best["model"] == "ResNet-BK" else f"the {best['model']}"
+        said.setdefault(kind, []).append(f"{who} at N = {n.partition(' ')[0]} ({seeds or 'one seed'}{caveat})")
+    where = {"quick": "at the quick budget", "whole split": "on the whole split"}
+    return ("Lowest test perplexity at long context: " + "; ".join(f"{where[k]} {', '.join(v)}" for k, v in said.items()) + "."
+            if said else "Its quality at long context is not measured yet.")
+
+# %% ../nbs/09b_report.ipynb #83ffddb1
+def scaling_bullet(ref: Path) -> str:
+    "How much faster ResNet-BK's training step is at the longest N the scaling study measured, then the track's best in quality"
+    s = json.loads((ref/"scaling"/"scaling.json").read_text())
+    t = {(r["part"], r["model"], r["N"]): r["fwd_bwd_s"] for r in s["rows"]}
+    n = max(N for p, m, N in t if p == "model" and m == "resnet_bk" and ("model", "transformer", N) in t)
+    x = lambda p: t[p, "transformer", n] / t[p, "resnet_bk", n]
+    return (f"**Long sequences are where its O(N) mixing should pay.** At N = {n:,} a training step (forward and "
+            f"backward) is {ratio_words(x('model'), 'faster', 'slower')} than the Transformer's, "
+            f"{ratio_words(x('model_no_head'), 'faster', 'slower')} without the LM head (08). {track_best(ref)}")
 
 # %% ../nbs/09b_report.ipynb #bf6ee210
 def claims_bullet(ref: Path) -> str:
@@ -341,10 +310,8 @@ def superseded_line(ref: Path) -> str:
 
 # %% ../nbs/09b_report.ipynb #d8d9da9b
 def answer_section(ref: Path) -> str:
-    "The README's '## The answer': the sentences, where ResNet-BK wins, the claims, the main job's cost, the curves"
-    bullets = [quick_bullet(ref), whole_bullet(ref), controls_bullet(ref) + whole_gains(ref) + whole_seeds_sentence(ref),
-               scaling_bullet(ref) + track_seeds_sentence(ref),
-               claims_bullet(ref), *filter(None, [superseded_line(ref)])]  # runs pending a rerun: a last bullet
+    "The README's '## The answer': the sentences, where ResNet-BK wins, the claims, the main job's cost, the curves, the runs pending a rerun"
+    bullets = [quick_bullet(ref), whole_bullet(ref), mixing_bullet(ref), scaling_bullet(ref), claims_bullet(ref)]
     curves = f"results/reference/{(ref/'whole').name}/wikitext2/training_curves.png"
     return "\n\n".join(["## The answer", "\n".join(f"- {b}" for b in bullets),
                          "**Where ResNet-BK wins** (N × batch: sequence length and batch size; a mixer's gain: how much worse "
@@ -352,6 +319,7 @@ def answer_section(ref: Path) -> str:
                          "final validation perplexity in the same group; bold: the best of its group):",
                          wins_table(ref), claims_table(ref), main_job_cost(ref),
                          f"![training curves on the whole split: loss and validation perplexity]({curves})",
-                         "Each budget in detail, the controls, the design sweep, the long-context track, the ablation of the "
-                         "twelve optimizations, the seeds, the scaling study, the learning-rate sweep and every study's "
-                         "provenance: [RESULTS.md](RESULTS.md)."])
+                         " ".join(filter(None, ["Each budget in detail, the controls, the design sweep, the long-context track, "
+                                                "the ablation of the twelve optimizations, the seeds, the scaling study, the "
+                                                "learning-rate sweep and every study's provenance: [RESULTS.md](RESULTS.md).",
+                                                superseded_line(ref)]))])
