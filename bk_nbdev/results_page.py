@@ -20,9 +20,10 @@ from .tables import (
     seeds_table, sweep_section, track_run, track_section, trials_section)
 
 # %% auto #0
-__all__ = ['SAMPLE_STUDIES', 'DESIGNS', 'plot_sweep', 'budget_part', 'mean_training_time', 'sample_line', 'sample_part',
-           'bf16_part', 'ablation_part', 'scaling_part', 'whole_controls_section', 'whole_seeds_part', 'controls_part',
-           'winner_line', 'design_part', 'track_part', 'sweep_part', 'results_markdown', 'readme_text', 'write_results']
+__all__ = ['SAMPLE_STUDIES', 'DESIGNS', 'LR_SEEDS', 'plot_sweep', 'budget_part', 'mean_training_time', 'sample_line',
+           'sample_part', 'bf16_part', 'ablation_part', 'scaling_part', 'whole_controls_section', 'whole_seeds_part',
+           'controls_part', 'winner_line', 'design_part', 'track_part', 'sweep_part', 'results_markdown', 'readme_text',
+           'write_results']
 
 # %% ../nbs/09c_results_page.ipynb #d1c61927
 def plot_sweep(study: Path) -> Path:
@@ -156,14 +157,14 @@ def controls_part(ref: Path) -> list[str]:
 # %% ../nbs/09c_results_page.ipynb #0598e839
 DESIGNS = {"design_quick": None, "design_quick_transformer": "design_quick_transformer_seeds"}  # study -> its winner's seeds
 
-def winner_line(ref: Path, seeds: str) -> str:
-    "A design sweep's winner over seeds (study `seeds`) against its preset over the controls study's: validation perplexity"
+def winner_line(ref: Path, seeds: str, what: str = "winner") -> str:
+    "A sweep's winner (`what` it is) over seeds (study `seeds`) against its preset over the controls study's: validation perplexity"
     (w,) = json.loads((ref/seeds/"seed_summary.json").read_text())  # the winner, under its preset's name
     p = controls_summary(ref)[w["run"]]
     diff, bound, ok = resolved(w, p, "val_ppl")
     per = lambda study: {r["seed"]: r["val_ppl"] for r in json.loads((ref/study/"seeds.json").read_text()) if r["run"] == w["run"]}
     a, b = per(seeds), per("controls")
-    return (f"{w['run']}'s winner over {w['seeds']} seeds: validation perplexity {w['val_ppl']:,.1f} ± {w['val_ppl_sd']:,.1f} "
+    return (f"{w['run']}'s {what} over {w['seeds']} seeds: validation perplexity {w['val_ppl']:,.1f} ± {w['val_ppl_sd']:,.1f} "
             f"against the preset's {p['val_ppl']:,.1f} ± {p['val_ppl_sd']:,.1f} (controls study), lower at "
             f"{sum(a[s] < b[s] for s in a)} of {len(a)} seeds; the difference, {diff:+,.1f}, is {'beyond' if ok else 'within'} "
             f"the seeds' spread ({bound:,.1f}): {'a candidate for the whole split' if ok else 'the preset stays'}.")
@@ -197,13 +198,19 @@ def track_part(ref: Path) -> list[str]:
     return out
 
 # %% ../nbs/09c_results_page.ipynb #81260142
+LR_SEEDS = {"lstm_lr1e-2_seeds": "1e-2", "lstm_lr2e-2_seeds": "2e-2"}  # a preset at another learning rate, over seeds -> the rate
+
 def sweep_part(ref: Path) -> list[str]:
-    "The learning-rate sweep, the chosen learning rates, and every run of the sweep"
+    "The learning-rate sweep, the chosen learning rates, the rates taken again over seeds, and every run of the sweep"
     study = ref/"quick_lr_sweep"
     return ["## Learning rate", "The original benchmark trains every model at 1e-3. Validation perplexity of each quick "
             "preset at each learning rate of the sweep (07a; same budget), the lowest in bold:", sweep_section(study),
             "![validation perplexity against learning rate](results/reference/quick_lr_sweep/lr_sweep.png)",
             "Each preset at its chosen learning rate (the presets use these):", chosen_section(study),
+            "**Over seeds.** The LSTM's choice rests on one run that stands apart from its neighbours, and over the controls "
+            "study's seeds one of its runs ends far behind the others: the sweep's runner-up and the rate between the two, "
+            "from the same seeds, against the preset's; a rate replaces the preset's only beyond the seeds' spread (07a):",
+            *(x for s, lr in LR_SEEDS.items() for x in (winner_line(ref, s, f"learning rate {lr}"), provenance_line(ref/s))),
             "**The models.** Every run of the sweep, each against the Transformer at the same learning rate:",
             models_section(study), provenance_line(study)]
 
