@@ -219,7 +219,7 @@ def wins_table(ref: Path) -> str:
     return md_table(["N × batch", "budget", "model", *(h for h, *_ in TRACK_FIGURES.values())], rows)
 
 # %% ../nbs/09b_report.ipynb #ab945b53
-def _gain_said(r: dict, where: str, runs: str) -> str | None:
+def _gain_said(r: dict, runs: str, where: str) -> str | None:
     "A row's mixer gain `where` it was measured, its caveats after `runs` (e.g. '3 seeds') in parentheses; None if it has none"
     if not isinstance(r.get("gain"), float): return None
     gain, _, caveat = (r.get("text", {}).get("gain") or gain_text(r["gain"])).partition(", ")
@@ -228,17 +228,16 @@ def _gain_said(r: dict, where: str, runs: str) -> str | None:
 # %% ../nbs/09b_report.ipynb #7bbbaa53
 def mixing_bullet(ref: Path) -> str:
     "Each model's mixer gain at the quick budget and on the whole split (over seeds where studied); the LSTM's perplexity at both"
-    s, whole = controls_summary(ref), {r["model"]: (r, "one seed") for r in whole_group(ref)[2]}
-    for _, budget, g in whole_seeded_groups(ref): whole |= {r["model"]: (r, budget.partition(", ")[2]) for r in g if r["gain"]}
-    n, lstm, tr = s["baseline_quick"]["seeds"], whole["LSTM"][0], whole["Transformer"][0]
-    quick = {m: {"gain": s[c]["test_ppl"] / s[QUICK_RUNS[m]]["test_ppl"] - 1, "text": {"gain": seeded_gain(s[c], s[QUICK_RUNS[m]])}}
-             for m, c in (("ResNet-BK", CONTROLS["baseline_quick"]), ("Transformer", CONTROLS["transformer_quick"]))}
-    said = [f"{what} " + ", ".join(filter(None, [_gain_said(quick[m], "at the quick budget", f"{n} seeds"),
-                                                 _gain_said(whole[m][0], "on the whole split", whole[m][1])]))
-            for m, what in MIXER_OF.items()]
+    (_, qb, q), (*_, w) = seeded_group(ref), whole_group(ref)
+    quick, whole = {r["model"]: (r, qb.partition(", ")[2]) for r in q}, {r["model"]: (r, "one seed") for r in w}
+    for _, budget, g in whole_seeded_groups(ref):
+        whole |= {r["model"]: (r, budget.partition(", ")[2]) for r in g if isinstance(r["gain"], float)}
+    said = [f"{what} " + ", ".join(filter(None, [_gain_said(*quick[m], "at the quick budget"),
+                                                 _gain_said(*whole[m], "on the whole split")])) for m, what in MIXER_OF.items()]
+    lstm, tr = whole["LSTM"][0], whole["Transformer"][0]
     return (f"**What the mixing is worth** (how much worse a model does without it): {'; '.join(said)}. The LSTM, with no "
-            f"mixer to remove: {seeded(s['lstm_quick'])} at the quick budget, {lstm['test_ppl']:,.1f} on the whole split "
-            f"({lstm['test_ppl'] / tr['test_ppl']:.2f}× the Transformer's).")
+            f"mixer to remove: {seeded(controls_summary(ref)['lstm_quick'])} at the quick budget, {lstm['test_ppl']:,.1f} on "
+            f"the whole split ({lstm['test_ppl'] / tr['test_ppl']:.2f}× the Transformer's).")
 
 # %% ../nbs/09b_report.ipynb #7507eb95
 def track_best(ref: Path) -> str:
