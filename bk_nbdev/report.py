@@ -157,7 +157,7 @@ def gain_on_one_kind(r: dict, control: dict, rerun: dict | None) -> tuple[float,
     if machine_of(r["metadata"]) == kind: return control["test_perplexity"] / r["test_perplexity"] - 1, None
     if rerun and machine_of(rerun["metadata"]) == kind:
         g = control["test_perplexity"] / rerun["test_perplexity"] - 1
-        return g, f"{gain_text(g)}, on one CPU kind (rerun)"
+        return g, f"{gain_text(g)}, rerun on its control's CPU kind"
     g = control["test_perplexity"] / r["test_perplexity"] - 1
     return g, f"{gain_text(g)}, across CPU kinds"
 
