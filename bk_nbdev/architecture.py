@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import patch
 
-from .models import ResNetBKConfig, ResNetBKLM
+from .models import ResNetBKConfig
+from .resnet_bk import ResNetBKLM
 
 # %% auto #0
 __all__ = ['ARCH_FLAGS', 'EXTENSIONS', 'ConfigurableResNetBKConfig', 'check_flag_settings', 'Extension', 'extends',

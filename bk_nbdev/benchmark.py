@@ -20,7 +20,7 @@ from .config import BenchmarkConfig, load_preset
 from .curves import plot_curves, plot_training_flops
 from .data import Corpus, load_corpus
 from .head import bf16_is_fast
-from .models import mixer_memory
+from .resnet_bk import mixer_memory
 from .runtime import atomic_write_bytes, dist_info, init_distributed, resolve_device
 from .tables import same_kind
 from .training import OBSERVE_FIELDS, TrainResult
@@ -178,7 +178,7 @@ def model_for(config: BenchmarkConfig, corpus: Corpus) -> torch.nn.Module:
 
 # %% ../nbs/06_benchmark.ipynb #bf535005
 def validation_memory(model: torch.nn.Module, corpus: Corpus, n_seq: int, device, windows: int = 8) -> list | None:
-    "What the trained mixers remember (03's `mixer_memory`) on the first `windows` windows of the validation split"
+    "What the trained mixers remember (03a's `mixer_memory`) on the first `windows` windows of the validation split"
     windows = min(windows, len(corpus.validation) // n_seq)
     return mixer_memory(model, corpus.validation[: windows * n_seq].view(windows, -1).to(device)) if windows else None
 

@@ -1,4 +1,4 @@
-"""The causal Transformer (the reference) and ResNet-BK (mixture-of-experts FFN + causal BK-Core), with one interface for logits, losses and measured statistics.
+"""What every language model here shares — configuration, skeleton, one interface for logits, losses and measured statistics — and two of them: the causal Transformer (the reference) and the LSTM; ResNet-BK is 03a, the checks every model passes 03b.
 
 Docs: https://bk-nbdev.github.io/bk_nbdev/models.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://bk-nbdev.github.io/bk_nbdev/models.html.md"""
 
 # %% ../nbs/03_models.ipynb #6e38af1c
 from __future__ import annotations
-import dataclasses, math
+import dataclasses
 from dataclasses import dataclass
 
 from fastcore.basics import patch
@@ -15,14 +15,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bk_core import bk_core, memory_profile
 from .head import LMHead, AdaptiveHead
 
 # %% auto #0
 __all__ = ['LM_HEADS', 'MIXERS', 'BK_HOPPINGS', 'BK_READOUTS', 'ModelConfig', 'make_head', 'make_config', 'TransformerConfig',
-           'ResNetBKConfig', 'CausalLM', 'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'MoEFFN',
-           'expert_rows', 'BKMixer', 'ResNetBKLayer', 'ResNetBKBlock', 'ResNetBKLM', 'mixer_memory', 'LSTMConfig',
-           'LSTMLM', 'check_causal', 'expected_params', 'train_steps']
+           'ResNetBKConfig', 'CausalLM', 'CausalSelfAttention', 'TransformerBlock', 'TransformerLM', 'LSTMConfig',
+           'LSTMLM']
 
 # %% ../nbs/03_models.ipynb #7ba064f1
 LM_HEADS = ("fused", "unfused", "adaptive")
@@ -213,171 +211,6 @@ class TransformerLM(CausalLM):
         for blk in self.blocks: x = blk(x)
         return x
 
-# %% ../nbs/03_models.ipynb #91c16b72
-class MoEFFN(nn.Module):
-    "Top-k mixture of experts; gates are softmax probabilities over all experts"
-    row_multiple = 16  # the smallest height of an expert's chunk (see below)
-
-    def __init__(self, d: int, num_experts: int = 4, top_k: int = 1, dropout: float = 0.1):
-        super().__init__()
-        self.top_k = top_k
-        self.router = nn.Linear(d, num_experts)
-        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.ReLU(), nn.Dropout(dropout),
-                                                   nn.Linear(2 * d, d)) for _ in range(num_experts))
-
-
-# %% ../nbs/03_models.ipynb #9efeb36c
-def expert_rows(n: int,              # tokens routed to the expert
-                multiple: int = 16,  # the smallest height, and the step of heights in fp32
-                bucket: bool = False # heights are powers of two (under mixed precision)
-               ) -> int:
-    "Rows a chunk of `n` tokens is padded to"
-    return max(multiple, 1 << (n - 1).bit_length()) if bucket else n + (-n % multiple)
-
-
-# %% ../nbs/03_models.ipynb #37635f7a
-@patch
-def forward(self: MoEFFN, x: Tensor) -> tuple[Tensor, Tensor]:
-    "Output (T, d) for tokens x (T, d), and the load-balancing loss"
-    if x.shape[0] == 0: return torch.zeros_like(x), x.new_zeros(())  # no tokens (e.g. all halted by ACT)
-    E = len(self.experts)
-    probs = self.router(x).softmax(-1)                          # (T, E)
-    gate, idx = probs.topk(self.top_k, dim=-1)                  # (T, k)
-    flat_idx = idx.flatten()
-    order = flat_idx.argsort(stable=True)
-    token_of = order // self.top_k                              # token of each sorted (token, slot) pair
-    counts = torch.bincount(flat_idx, minlength=E)
-    sizes = counts.tolist()                                     # the one host transfer
-    out, bucket = torch.zeros_like(x), torch.is_autocast_enabled(x.device.type)
-    for e, (tok, g) in enumerate(zip(token_of.split(sizes), gate.flatten()[order].split(sizes))):
-        if not len(tok): continue
-        rows = expert_rows(len(tok), self.row_multiple, bucket)
-        padded = F.pad(tok, (0, rows - len(tok)))  # pad with token 0; padded rows are dropped
-        out.index_add_(0, tok, (self.experts[e](x[padded])[: len(tok)] * g[:, None]).to(out.dtype))  # autocast
-    frac = counts.to(x.dtype) / flat_idx.numel()
-    balance = E * (frac * probs.mean(0)).sum()
-    return out, balance
-
-# %% ../nbs/03_models.ipynb #be5edced
-def _inverse_softplus(y: float) -> float: return math.log(math.expm1(y))
-
-class BKMixer(nn.Module):
-    "Potential (and hopping) from the FFN output -> causal BK-Core -> [Re g, Im g] -> readout, scaled"
-    def __init__(self, cfg: ResNetBKConfig):
-        super().__init__()
-        self.cfg, C, d, z = cfg, cfg.bk_channels, cfg.d_model, complex(cfg.z)
-        self.v_proj = nn.Linear(d, C)
-        self.output_proj = nn.Linear(2 * C, d)
-        self.bk_scale = nn.Parameter(torch.tensor(1.0))
-        self.z_re = nn.Parameter(torch.full((C,), z.real)) if cfg.learn_z else None
-        self.z_im = nn.Parameter(torch.full((C,), _inverse_softplus(z.imag))) if cfg.learn_z else None
-        self.b_proj = nn.Linear(d, C) if cfg.bk_hopping == "input" else None
-        self.gate = nn.Linear(d, d) if cfg.bk_readout == "gated" else None
-
-    def potential(self, h: Tensor) -> Tensor:
-        "v_scale · v_proj(h); at v_scale = 1 no product, which would change the gradient's memory layout and so its rounding"
-        v = self.v_proj(h)
-        return v if self.cfg.v_scale == 1 else self.cfg.v_scale * v
-
-    def forward(self, h: Tensor, v: Tensor | None = None) -> Tensor:
-        "Mixing term for FFN output h (B, N, d); `v` overrides the potential (the features come from `resolvent`, below)"
-        out = self.output_proj(self.resolvent(h, self.potential(h) if v is None else v))
-        return self.bk_scale * (out if self.gate is None else out * F.silu(self.gate(h)))
-
-# %% ../nbs/03_models.ipynb #0c43dbd0
-@patch
-def problems(self: BKMixer, h: Tensor, v: Tensor) -> tuple[Tensor, object, Tensor | None]:
-    "BK-Core's rows: potentials (B·C, N), shifts (a number or (B·C,)), off-diagonals (B·C, N−1) or None"
-    B, N, C = v.shape
-    rows = lambda t: t.permute(0, 2, 1).reshape(B * C, t.shape[1])
-    z = torch.complex(self.z_re, F.softplus(self.z_im)).repeat(B) if self.z_re is not None else self.cfg.z
-    b = None if self.b_proj is None else rows(2 * torch.sigmoid(self.b_proj(h[:, 1:])))
-    return rows(v), z, b
-
-# %% ../nbs/03_models.ipynb #7a17d005
-@patch
-def resolvent(self: BKMixer, h: Tensor, v: Tensor) -> Tensor:
-    "Features (B, N, 2C) from FFN output h (B, N, d) and potentials v (B, N, C)"
-    B, N, C = v.shape
-    rv, z, b = self.problems(h, v)
-    g = bk_core(rv, z=z, b=b, use_analytic_gradient=self.cfg.use_analytic_gradient).view(B, C, N).permute(0, 2, 1)
-    return torch.cat([g.real, g.imag], -1).to(v.dtype)
-
-# %% ../nbs/03_models.ipynb #33010248
-@patch
-def memory(self: BKMixer, h: Tensor, v: Tensor) -> Tensor:
-    "01's `memory_profile` of this mixer's problems at (h, v): mean |∂g_N/∂v_(N−k)| for k = 0 … N−1"
-    rv, z, b = self.problems(h, v)
-    return memory_profile(rv, z, b=b)
-
-# %% ../nbs/03_models.ipynb #48d1aaa5
-class ResNetBKLayer(nn.Module):
-    "MoE FFN + BK mixing; returns the layer output and the load-balancing loss"
-    def __init__(self, cfg: ResNetBKConfig):
-        super().__init__()
-        self.moe = MoEFFN(cfg.d_model, cfg.num_experts, cfg.top_k, cfg.dropout)
-        self.bk = BKMixer(cfg) if cfg.mixer == "default" else None  # mixer 'none': the layer is its MoE FFN alone
-
-    def forward(self, h: Tensor, potential=None, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        B, N, D = h.shape
-        flat = h.reshape(B * N, D)
-        if active is None: ffn, balance = self.moe(flat)
-        else:
-            sub, balance = self.moe(flat[active])
-            ffn = flat.new_zeros(B * N, D).index_copy(0, active, sub)
-        ffn = ffn.view(B, N, D)
-        if self.bk is None: return ffn, balance
-        v = self.bk.potential(ffn)
-        if potential is not None: v = potential(ffn, v)
-        return ffn + self.bk(ffn, v=v), balance
-
-# %% ../nbs/03_models.ipynb #30c485f7
-class ResNetBKBlock(nn.Module):
-    def __init__(self, cfg: ResNetBKConfig):
-        super().__init__()
-        self.ln = nn.LayerNorm(cfg.d_model)
-        self.layer = ResNetBKLayer(cfg)
-
-    def forward(self, x):
-        y, balance = self.layer(self.ln(x))
-        return x + y, balance
-
-# %% ../nbs/03_models.ipynb #32c82fe1
-class ResNetBKLM(CausalLM):
-    "ResNet-BK language model: pre-LN residual blocks of MoE FFN + causal BK-Core"
-    def __init__(self, cfg: ResNetBKConfig):
-        super().__init__(cfg)
-        self.blocks = nn.ModuleList(ResNetBKBlock(cfg) for _ in range(cfg.n_layers))
-
-    def body(self, x):
-        balance = 0.0
-        for blk in self.blocks:
-            x, b = blk(x); balance = balance + b
-        self.report_balance(balance / len(self.blocks))
-        return x
-
-    def report_balance(self, balance: Tensor):
-        "Add the mean load-balancing loss of the layers to `aux` and report it"
-        self.aux["moe_balance"] = self.cfg.moe_balance_weight * balance
-        self._stats["moe_balance"] = balance.detach()
-
-# %% ../nbs/03_models.ipynb #db30bc25
-def mixer_memory(model: nn.Module, # a model with BK mixers (any other gives [])
-                 tokens: Tensor,   # (B, N) token ids to run it on
-                ) -> list[list[float]]:
-    "Each BK mixer's memory profile (k = 0 … N−1) on `tokens`, in the order the model runs them"
-    seen = []
-    def keep(m, args, kwargs, out): seen.append((m, args[0].detach(), kwargs.get("v")))
-    hooks = [m.register_forward_hook(keep, with_kwargs=True) for m in model.modules() if isinstance(m, BKMixer)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad(): model(tokens)
-    finally:
-        for hk in hooks: hk.remove()
-        model.train(was_training)
-    return [m.memory(h, m.potential(h) if v is None else v.detach()).tolist() for m, h, v in seen]
-
 # %% ../nbs/03_models.ipynb #f4604f23
 @dataclass
 class LSTMConfig(ModelConfig):
@@ -414,53 +247,3 @@ def _lstm_backward_flops(input_shape, w_ih_shape, w_hh_shape, *args, out_shape=N
 for _op, _formula in ((torch.ops.aten.mkldnn_rnn_layer, _lstm_forward_flops),
                       (torch.ops.aten.mkldnn_rnn_layer_backward, _lstm_backward_flops)):
     if _op not in flop_registry: register_flop_formula(_op)(_formula)  # once per process: aten's ops are shared
-
-# %% ../nbs/03_models.ipynb #2503ebf1
-def check_causal(model: nn.Module, vocab_size: int, n_seq: int, positions=(0, 5), batch: int = 2, seed: int = 0):
-    "Assert that changing token t changes no logit before t (eval mode, exact) and does change logits at t"
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab_size, (batch, n_seq), generator=g)
-    model.eval()
-    with torch.no_grad():
-        base = model(x)
-        for t in positions:
-            x2 = x.clone(); x2[:, t] = (x2[:, t] + 1) % vocab_size
-            out = model(x2)
-            assert torch.equal(out[:, :t], base[:, :t]), f"logits before position {t} changed"
-            assert not torch.equal(out[:, t], base[:, t]), f"logits at position {t} did not change"
-
-# %% ../nbs/03_models.ipynb #1382b448
-def _head_params(cfg: ModelConfig) -> int:
-    V, d = cfg.vocab_size, cfg.d_model
-    if cfg.lm_head != "adaptive": return V if cfg.tie_weights else V * d + V
-    c = [*cfg.adaptive_cutoffs, V]
-    return d * (c[0] + len(c) - 1) + sum(d // 4 ** (i + 1) * (d + c[i + 1] - c[i]) for i in range(len(c) - 1))
-
-# %% ../nbs/03_models.ipynb #5794b5b1
-def expected_params(cfg: ModelConfig) -> int:
-    "Closed-form parameter count of the model built from `cfg`"
-    V, d, L, S = cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_seq
-    common = V * d + S * d + 2 * d + _head_params(cfg)
-    if isinstance(cfg, TransformerConfig):
-        f = cfg.ffn_mult
-        block = 2 * f * d * d + f * d + d + 2 * d + (4 * d * d + 4 * d + 2 * d) * (cfg.mixer == "default")
-    elif isinstance(cfg, ResNetBKConfig):
-        E, C = cfg.num_experts, cfg.bk_channels
-        mixer = d * C + C + 2 * C * d + d + 1 + 2 * C * cfg.learn_z + (d * C + C) * (cfg.bk_hopping == "input") \
-                + (d * d + d) * (cfg.bk_readout == "gated")
-        block = 2 * d + d * E + E + E * (4 * d * d + 3 * d) + mixer * (cfg.mixer == "default")
-    elif isinstance(cfg, LSTMConfig): block = 4 * d * (2 * d) + 8 * d  # W_ih, W_hh and two biases of the four gates
-    else: raise TypeError(f"no closed form for {type(cfg).__name__}")
-    return common + L * block
-
-# %% ../nbs/03_models.ipynb #6cb10ddb
-def train_steps(model: CausalLM, batches, steps: int = 30, lr: float = 3e-3, seed: int = 0) -> list[float]:
-    "Losses of `steps` AdamW steps over `batches`, (inputs, targets) pairs (a quick check that a model learns)"
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train(); losses = []
-    for _, (x, y) in zip(range(steps), batches):
-        loss, _ = model.loss(x, y)
-        opt.zero_grad(); loss.backward(); opt.step()
-        losses.append(loss.item())
-    return losses

@@ -175,7 +175,7 @@ def design_part(ref: Path) -> list[str]:
     out = ["## Design", "Each model in nine designs at the quick budget, the validation split choosing (07c). A winner other "
            "than the preset replaces it only if it stays ahead over three seeds, beyond their spread, and then on the whole "
            "split's validation perplexity. `reach`: how many tokens back the trained mixers' memory falls to 1% of its "
-           "value at k = 0 (03)."]
+           "value at k = 0 (03a)."]
     for s, seeds in DESIGNS.items():
         out += [trials_section(ref/s), provenance_line(ref/s), *([winner_line(ref, seeds), provenance_line(ref/seeds)] if seeds else [])]
     return out
