@@ -24,8 +24,9 @@ if triton is not None:
     @triton.jit
     def _recip(x, y):  # Smith's scaled reciprocal, as in the C kernel (each lane takes its branch)
         big = tl.abs(x) >= tl.abs(y)
-        r = tl.where(big, y / x, x / y)
-        s = 1 / tl.where(big, x + y * r, y + x * r)
+        p, q = tl.where(big, x, y), tl.where(big, y, x)  # the larger component, the other
+        r = q / p
+        s = 1 / (p + q * r)
         return tl.where(big, s, r * s), tl.where(big, -r * s, -s)
 
     @triton.jit
