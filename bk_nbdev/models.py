@@ -53,6 +53,9 @@ class ModelConfig:
             c = list(self.adaptive_cutoffs)
             if not c or c != sorted(set(c)) or c[0] < 1 or c[-1] >= self.vocab_size:
                 raise ValueError(f"adaptive_cutoffs must increase strictly within [1, {self.vocab_size}), got {self.adaptive_cutoffs}")
+            if self.d_model < 4 ** len(c):  # tail cluster i is d_model // 4**i wide (02a): none may be empty
+                raise ValueError(f"adaptive_cutoffs={self.adaptive_cutoffs} make {len(c)} tail clusters, the last d_model // "
+                                 f"{4 ** len(c)} wide: d_model must be >= {4 ** len(c)}, got {self.d_model}")
             if self.tie_weights: raise ValueError("tie_weights needs a linear head, not lm_head='adaptive'")
 
 # %% ../nbs/03_models.ipynb #ca6a41f6

@@ -171,7 +171,8 @@ def plot_scaling(study: dict, path: str | Path, show: bool = False) -> Path:
     "Log-log time per sequence (forward+backward) and peak memory against N, per part"
     import matplotlib.pyplot as plt
     parts = sorted({r["part"] for r in study["rows"]}, key=PARTS.index)
-    fig, axes = plt.subplots(2, len(parts), figsize=(5 * len(parts), 8), squeeze=False)
+    mem = any("peak_mem_mb" in r for r in study["rows"])  # a row of memory panels only where memory was measured
+    fig, axes = plt.subplots(1 + mem, len(parts), figsize=(5 * len(parts), 4 * (1 + mem)), squeeze=False)
     for j, part in enumerate(parts):
         for mt, c in (("transformer", "tab:red"), ("resnet_bk", "tab:blue")):
             sel = [r for r in study["rows"] if r["model"] == mt and r["part"] == part]
@@ -184,7 +185,7 @@ def plot_scaling(study: dict, path: str | Path, show: bool = False) -> Path:
         x = study["crossover"].get(part)
         if x: axes[0, j].axvline(x, color="gray", ls="--", lw=1, label=f"crossover N={x}")
         axes[0, j].set_title(f"{part}: forward+backward time per sequence"); axes[0, j].set_ylabel("seconds")
-        axes[1, j].set_title(f"{part}: peak memory (batch = max(1, tokens/N))"); axes[1, j].set_ylabel("MB")
+        if mem: axes[1, j].set_title(f"{part}: peak memory (batch = max(1, tokens/N))"); axes[1, j].set_ylabel("MB")
         for ax in axes[:, j]: ax.set_xlabel("sequence length N"); ax.grid(alpha=0.3, which="both"); ax.legend(fontsize=8)
     fig.tight_layout(); fig.savefig(path, dpi=110)
     if show: plt.show()
